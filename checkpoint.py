@@ -1,0 +1,46 @@
+"""Checkpoints: the final export in Hugging Face format, written atomically.
+
+`export_hf` gathers the full weights (every rank takes part; only rank 0 writes) and writes safetensors, the
+model and generation config, and the tokenizer with its chat template to a temporary directory, then renames it
+to `<output_dir>/hf`, so a crash never leaves a half-written export behind.
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_steps: int = 0  # resumable state every N steps; 0 = only the export at the end
+
+
+def _replace_dir(tmp: Path, final: Path):
+    """Renames `tmp` to `final`; an existing `final` is moved aside first and deleted only afterwards."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int) -> Path:
+    """`model` is model_setup.PackedCausalLM (possibly sharded). Returns the export directory."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # full_state_dict gathers sharded (DTensor) weights; cpu_offload keeps the gathered copy on rank 0's CPU only
+    state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = Path(output_dir) / "hf"
+    if rank == 0:
+        tmp = final.with_name("hf.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final

@@ -1,0 +1,141 @@
+"""Distributed multipack sampling: every rank computes the same global step plan from (seed, epoch).
+
+    python sampler.py --config configs/quickstart.yaml --world-size 64   # plan statistics, no model loaded
+
+Step k of an epoch takes samples [k*B, (k+1)*B) of a seeded permutation, whatever the world size. Its samples
+are spread over ranks x micro-steps by longest-processing-time balancing of tokens, using the fewest micro-steps
+that fit under the token cap. Every rank runs the same number of micro-steps (an empty micro-batch contributes
+zero loss and still joins the collectives). The state is (epoch, step): resuming is O(1), on any world size.
+"""
+
+import heapq
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SamplerConfig:
+    batch_size: int = 64  # samples per optimizer step, over all ranks (the last step of an epoch may have fewer)
+    max_tokens_per_rank: int = 8192  # token cap of one micro-batch on one rank (memory), >= data.max_seq_len
+
+
+def _balance(lengths: np.ndarray, bins: int, cap: int) -> list[list[int]] | None:
+    """Longest-processing-time: each sample, longest first, goes to the least-loaded bin. Returns the bins'
+    sample positions, or None if a sample does not fit under `cap`."""
+    heap = [(0, b) for b in range(bins)]
+    out = [[] for _ in range(bins)]
+    for i in np.argsort(-lengths, kind="stable"):
+        load, b = heapq.heappop(heap)
+        if load + lengths[i] > cap:
+            return None
+        out[b].append(int(i))
+        heapq.heappush(heap, (load + int(lengths[i]), b))
+    return out
+
+
+class MultipackPlan:
+    """The step plan of one run: `micro_batches(epoch, step)` -> this rank's list of micro-batches (lists of
+    sample indices into the token cache)."""
+
+    def __init__(self, lengths: np.ndarray, cfg: SamplerConfig, world_size: int, rank: int, seed: int):
+        self.lengths, self.cfg, self.world_size, self.rank = np.asarray(lengths), cfg, world_size, rank
+        self.seed, self._order = seed, (None, None)
+        too_long = np.flatnonzero(self.lengths > cfg.max_tokens_per_rank)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ValueError(f"sample {i} has {self.lengths[i]} tokens, more than sampler.max_tokens_per_rank="
+                             f"{cfg.max_tokens_per_rank} ({len(too_long)} such samples); raise "
+                             "sampler.max_tokens_per_rank or lower data.max_seq_len")
+        self.steps_per_epoch = math.ceil(len(self.lengths) / cfg.batch_size)
+        self.epoch, self.step = 0, 0  # the next step to run; saved in checkpoints
+
+    def step_samples(self, epoch: int, step: int) -> np.ndarray:
+        """Sample indices of global step `step` of `epoch`: a function of (seed, epoch, step) only."""
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)))
+        return self._order[1][step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
+
+    def plan(self, epoch: int, step: int) -> list[list[list[int]]]:
+        """[rank][micro-step] -> sample indices, the same on every rank. Uses the fewest micro-steps m that
+        balancing fits into world_size * m bins of the cap; bin b goes to rank b % world_size."""
+        idx = self.step_samples(epoch, step)
+        lens, R = self.lengths[idx], self.world_size
+        m = max(1, math.ceil(lens.sum() / (R * self.cfg.max_tokens_per_rank)))  # the lower bound
+        while (bins := _balance(lens, R * m, self.cfg.max_tokens_per_rank)) is None:
+            m += 1
+        return [[[int(idx[i]) for i in bins[b]] for b in range(r, R * m, R)] for r in range(R)]
+
+    def micro_batches(self, epoch: int, step: int) -> list[list[int]]:
+        return self.plan(epoch, step)[self.rank]
+
+    def loss_tokens(self, epoch: int, step: int, loss_tokens: np.ndarray) -> int:
+        """Supervised targets in the whole step over all ranks: the loss normalizer, known without
+        communication because the plan is the same everywhere."""
+        return int(loss_tokens[self.step_samples(epoch, step)].sum())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.step = state["epoch"], state["step"]
+
+
+def collate(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> dict:
+    """[(input_ids, loss_mask)] -> one padding-free packed row: input_ids and position_ids (restarting at 0 per
+    sample) of shape (1, T); cu_seqlens (int32 offsets) and max_seqlen for varlen kernels; the labels, shifted
+    per sample (labels[i] is the target of position i; the last position of each sample has none, so nothing
+    predicts across a boundary), as loss_idx (positions that have a target) and targets, computed here on the
+    host so the loss needs no device sync. An empty micro-batch becomes one untrained token."""
+    if not samples:
+        samples = [(np.zeros(1, np.int32), np.zeros(1, np.uint8))]
+    ids = torch.from_numpy(np.concatenate([s[0] for s in samples]).astype(np.int64))
+    lens = [len(s[0]) for s in samples]
+    labels = np.concatenate([np.append(np.where(m[1:] > 0, i[1:], -100), -100) for i, m in samples])
+    labels = torch.from_numpy(labels.astype(np.int64))
+    loss_idx = torch.nonzero(labels != -100).flatten()
+    batch = {"input_ids": ids[None], "position_ids": torch.cat([torch.arange(n) for n in lens])[None],
+             "cu_seqlens": torch.tensor(np.cumsum([0] + lens), dtype=torch.int32),
+             "loss_idx": loss_idx, "targets": labels[loss_idx]}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch | {"max_seqlen": max(lens)}
+
+
+def plan_stats(plan: MultipackPlan, epoch: int = 0) -> dict:
+    """Statistics of one epoch's plan, for sizing batches for a cluster without running it."""
+    cap, R = plan.cfg.max_tokens_per_rank, plan.world_size
+    micro, bound, eff, imbalance = [], [], [], []
+    for step in range(plan.steps_per_epoch):
+        p = plan.plan(epoch, step)
+        per_rank = [sum(int(plan.lengths[i]) for mb in r for i in mb) for r in p]
+        m = len(p[0])
+        micro.append(m)
+        bound.append(math.ceil(sum(per_rank) / (R * cap)))
+        eff.append(sum(per_rank) / (m * cap * R))
+        imbalance.append(max(per_rank) / (sum(per_rank) / R))
+    return {"steps": plan.steps_per_epoch, "micro_steps_mean": float(np.mean(micro)),
+            "micro_steps_lower_bound_mean": float(np.mean(bound)), "packing_efficiency": float(np.mean(eff)),
+            "rank_imbalance_max": float(max(imbalance))}
+
+
+def main(argv: list[str]):
+    import config
+    from model_setup import load_tokenizer
+    from tokenize_data import TokenCache, build_cache
+    from train import SECTIONS
+
+    world_size = 1
+    if "--world-size" in argv:
+        i = argv.index("--world-size")
+        world_size, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
+    cfg = config.cli(SECTIONS, argv)
+    cache = TokenCache(build_cache(cfg["data"].train_files, load_tokenizer(cfg["model"]), cfg["data"]))
+    print(json.dumps(plan_stats(MultipackPlan(cache.lengths, cfg["sampler"], world_size, 0, cfg["train"].seed))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

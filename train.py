@@ -1,0 +1,165 @@
+"""Supervised fine-tuning of a Hugging Face causal LM on packed, padding-free batches.
+
+    torchrun --nproc_per_node=N train.py --config configs/quickstart.yaml [--section.key=value ...]
+    python train.py --config configs/quickstart.yaml                      # a single process, no torchrun
+
+Stages, in order: tokenize_data -> sampler -> model_setup -> sharding -> this loop -> checkpoint, with
+logging_utils throughout. Swap points here: `build_optimizer` and `lr_at`.
+"""
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import config
+import logging_utils
+import model_setup
+import sampler
+import sharding
+import tokenize_data
+from logging_utils import print0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"  # everything of the run goes here (config, metrics, checkpoints, hf/)
+    epochs: int = 1  # passes over data.train_files (ignored when max_steps > 0)
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = run the epochs
+    lr: float = 2e-5  # peak learning rate
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup, down to min_lr_ratio*lr
+    warmup_steps: int = 0  # linear warmup from 0 over this many steps
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine and linear)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, on matrices only (not norms or biases)
+    beta2: float = 0.95  # AdamW second-moment decay (beta1 = 0.9)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    seed: int = 42  # model init, data order and every other random choice
+    heldout_file: str = ""  # chat JSONL; after export, report greedy exact match on its last messages
+
+
+SECTIONS = {"data": tokenize_data.DataConfig, "model": model_setup.ModelConfig,
+            "sharding": sharding.ShardingConfig, "sampler": sampler.SamplerConfig, "train": TrainConfig,
+            "checkpoint": checkpoint.CheckpointConfig, "logging": logging_utils.LogConfig}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.lr_schedule])
+
+
+def _token_cache(cfg: dict, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
+    """Rank 0 tokenizes (or finds the cache); the others wait, then all memory-map it."""
+    path = None
+    if d.rank == 0:
+        try:
+            path = tokenize_data.build_cache(cfg["data"].train_files, tokenizer, cfg["data"])
+        except tokenize_data.DataError as e:
+            path = e
+    if d.world_size > 1:
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    if isinstance(path, Exception):
+        sys.exit(f"error: {path}")
+    cache = tokenize_data.TokenCache(path)
+    print0(tokenize_data.summary(cache), rank=d.rank)
+    return cache
+
+
+def main(argv: list[str]):
+    cfg = config.cli(SECTIONS, argv)
+    tc = cfg["train"]
+    d = sharding.init_distributed()
+    out = Path(tc.output_dir)
+    if d.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.dump(cfg))
+        print0(f"config ({d.world_size} rank(s), {d.device}):\n{config.dump(cfg)}")
+    random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
+
+    tokenizer = model_setup.load_tokenizer(cfg["model"])
+    cache = _token_cache(cfg, tokenizer, d)
+    plan = sampler.MultipackPlan(cache.lengths, cfg["sampler"], d.world_size, d.rank, tc.seed)
+    total_steps = tc.max_steps or tc.epochs * plan.steps_per_epoch
+    cap = cfg["sampler"].max_tokens_per_rank
+    print0(f"{len(cache)} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps per epoch; "
+           f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
+
+    model = model_setup.load_model(cfg["model"], d.device)
+    model = sharding.shard_model(model, cfg["sharding"], d)
+    optimizer = build_optimizer(model, tc)
+    log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps)
+
+    for step in range(total_steps):
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        lr = lr_at(step, total_steps, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_plan = plan.plan(epoch, k)
+        n_step = plan.loss_tokens(epoch, k, cache.loss_tokens)  # supervised targets, all ranks
+        loss_sum = torch.zeros((), device=d.device)
+        for mb in step_plan[d.rank]:
+            batch = sampler.collate([cache[i] for i in mb], d.device)
+            micro_loss, _ = model(**batch)
+            # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
+            # of sum(token losses of the step, all ranks) / n_step
+            (micro_loss * (d.world_size / max(n_step, 1))).backward()
+            loss_sum += micro_loss.detach()
+        sharding.reduce_gradients(model, cfg["sharding"], d)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
+        if d.world_size > 1:
+            dist.all_reduce(loss_sum)
+        # The one host sync of the step: the loss for the log and the finiteness check, agreed on all ranks
+        # because grad_norm and loss_sum are global.
+        loss, grad_norm = loss_sum.item() / max(n_step, 1), grad_norm.full_tensor().item() \
+            if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        plan.epoch, plan.step = divmod(step + 1, plan.steps_per_epoch)
+
+        tokens = int(sum(cache.lengths[i] for r in step_plan for mb in r for i in mb))
+        step_time_s = time.perf_counter() - t0
+        log.log({"step": step + 1, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+                 "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": n_step,
+                 "tokens_per_s": tokens / step_time_s, "micro_steps": len(step_plan[0]),
+                 "packing_efficiency": tokens / (len(step_plan[0]) * cap * d.world_size),
+                 "peak_mem_gib": logging_utils.peak_mem_gib(d.device), "finite": finite})
+        if not finite:
+            print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
+
+    hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank)
+    extra = {"samples_dropped": cache.meta["dropped"], "export": str(hf_dir)}
+    if tc.heldout_file and d.rank == 0:
+        extra["heldout_exact_match"] = logging_utils.exact_match(str(hf_dir), tc.heldout_file)
+        print0(f"held-out exact match: {extra['heldout_exact_match']:.1%} ({tc.heldout_file})")
+    summary = log.close(extra)
+    print0(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.1f}s; "
+           f"final loss {summary['final_loss']:.4f}; exported to {hf_dir}", rank=d.rank)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
