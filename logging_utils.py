@@ -42,7 +42,9 @@ class MetricsLogger:
 
             output_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(output_dir / "metrics.jsonl", "a")
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            # redraw at most every 30 s when the output is a log file rather than a terminal
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=0.1 if sys.stderr.isatty() else 30)
             self.summary_path = output_dir / "summary.json"
 
     def log(self, m: dict):
@@ -57,7 +59,7 @@ class MetricsLogger:
         self.file.write(json.dumps(m) + "\n")
         self.file.flush()
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
         if m["step"] % self.cfg.log_every_steps == 0:
             self.bar.write(f"step {m['step']} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad_norm "
                            f"{m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s | packing "

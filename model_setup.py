@@ -62,6 +62,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                      softcap=None, **kwargs):
     """transformers attention-interface signature. Reads the sample boundaries from the `cu_seq_lens_q` and
     `max_length_q` kwargs (the names transformers' flash-attention path uses) that `PackedCausalLM` passes."""
+    if "cu_seq_lens_q" not in kwargs:
+        raise ValueError("packed attention needs the sample boundaries (cu_seq_lens_q); call the model through "
+                         "PackedCausalLM, or load it with attn_implementation='sdpa' to generate")
     cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0

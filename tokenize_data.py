@@ -98,7 +98,7 @@ def read_jsonl(path: str) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\n"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             records.append((n, _validate(record, f"{path}:{n}")))

@@ -1,0 +1,48 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+QS_MODEL = str(ROOT / "data/quickstart/model")
+QS_CONFIG = str(ROOT / "configs/quickstart.yaml")
+
+
+def write_jsonl(path: Path, records) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture
+def small_data(tmp_path) -> str:
+    """The first 192 quickstart chats, in a temporary file."""
+    lines = (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:192]
+    return write_jsonl(tmp_path / "small.jsonl", lines)
+
+
+def run_args(tmp_path: Path, data: str, **overrides) -> list[str]:
+    """Arguments of train.py for a short fp32 run of the quickstart model on `data`."""
+    base = {"data.train_files": f"[{data}]", "data.cache_dir": str(tmp_path / "cache"),
+            "train.output_dir": str(tmp_path / "run"), "train.heldout_file": "", "train.max_steps": 3,
+            "train.warmup_steps": 0, "sampler.batch_size": 32, "logging.log_every_steps": 1,
+            "sharding.compute_dtype": "float32", "model.dtype": "float32"}
+    base |= {k.replace("__", "."): v for k, v in overrides.items()}
+    return ["--config", QS_CONFIG] + [f"--{k}={v}" for k, v in base.items()]
+
+
+def torchrun(nproc: int, args: list[str], *extra, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra, "train.py", *args]
+    if nproc == 0:  # a plain process, no torchrun
+        cmd = [sys.executable, "train.py", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,103 @@
+"""Packed attention and the chunked loss against transformers' own unpacked computation."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+import model_setup
+import sampler
+
+SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+CONFIGS = {
+    "llama": LlamaConfig(**SHAPE),
+    "qwen2": Qwen2Config(**SHAPE),
+    "mistral-sliding-window": MistralConfig(**SHAPE, sliding_window=5),
+    "gemma2-softcap-sliding": Gemma2Config(**SHAPE, head_dim=8, sliding_window=5, attn_logit_softcapping=5.0,
+                                           final_logit_softcapping=3.0),
+}
+LENGTHS = [7, 3, 12, 5, 12]  # several samples longer than the sliding window, two of equal length
+
+
+def models(name):
+    """The same random weights twice: ours (packed attention) and transformers' eager reference."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("packed", model_setup.packed_attention)  # as load_model does
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[name]), attn_implementation="eager",
+                                           dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[name]), attn_implementation="packed",
+                                            dtype=torch.float32)
+    ours.load_state_dict(ref.state_dict())
+    return model_setup.PackedCausalLM(ours), ref
+
+
+def samples(vocab=64):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(1, vocab, (n,), generator=g).numpy().astype("int32")
+        mask = (torch.rand(n, generator=g) < 0.6).numpy().astype("uint8")
+        out.append((ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_hidden_states_equal_per_sample(name):
+    ours, ref = models(name)
+    batch = sampler.collate(samples(), torch.device("cpu"))
+    hidden = ours.lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                   cu_seq_lens_q=batch["cu_seqlens"], max_length_q=batch["max_seqlen"]
+                                   ).last_hidden_state[0]
+    bounds = batch["cu_seqlens"].tolist()
+    for (ids, _), a, b in zip(samples(), bounds[:-1], bounds[1:]):
+        expected = ref.get_decoder()(input_ids=torch.from_numpy(ids).long()[None]).last_hidden_state[0]
+        torch.testing.assert_close(hidden[a:b], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_loss_and_grads_equal_unpacked_cross_entropy(name):
+    """Our loss on one packed row == F.cross_entropy on transformers' own logits, sample by sample."""
+    ours, ref = models(name)
+    loss_sum, n = ours(**sampler.collate(samples(), torch.device("cpu")))
+    loss_sum.backward()
+    ref_sum, ref_n = 0.0, 0
+    for ids, mask in samples():
+        ids = torch.from_numpy(ids).long()
+        logits = ref(input_ids=ids[None]).logits[0, :-1]  # applies the family's final soft-capping itself
+        targets = torch.where(torch.from_numpy(mask[1:]).bool(), ids[1:], -100)
+        ref_sum = ref_sum + F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
+        ref_n += int((targets != -100).sum())
+    ref_sum.backward()
+    assert n == ref_n
+    torch.testing.assert_close(loss_sum, ref_sum, atol=1e-5, rtol=1e-6)
+    for (name_, p), q in zip(ours.lm.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name_)
+
+
+def test_chunked_loss_equals_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    idx = torch.tensor([0, 3, 4, 10, 11, 12, 30, 49])
+    targets = torch.randint(0, 40, (8,), generator=g)
+    loss, n = model_setup.compute_loss(hidden, weight, idx, targets, chunk=3)  # three chunks
+    expected = F.cross_entropy(hidden[idx] @ weight.t(), targets, reduction="sum")
+    assert n == 8
+    torch.testing.assert_close(loss, expected)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    eh, ew = torch.autograd.grad(expected, (hidden, weight))
+    torch.testing.assert_close(gh, eh)
+    torch.testing.assert_close(gw, ew)
+
+
+def test_empty_micro_batch_has_zero_loss_but_reaches_every_parameter():
+    ours, _ = models("llama")
+    loss, n = ours(**sampler.collate([], torch.device("cpu")))
+    loss.backward()
+    assert n == 0 and loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
