@@ -15,7 +15,8 @@ from torch import nn
 
 @dataclass
 class CheckpointConfig:
-    save_every_steps: int = 0  # resumable state every N steps; 0 = only the export at the end
+    save_every_steps: int = 0  # resumable state every N steps; 0 = only the export at the end (resumable
+    #   state is not implemented yet: a value > 0 is refused at start-up rather than ignored)
 
 
 def _replace_dir(tmp: Path, final: Path):
@@ -34,6 +35,10 @@ def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int) -> Path:
 
     # full_state_dict gathers sharded (DTensor) weights; cpu_offload keeps the gathered copy on rank 0's CPU only
     state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first = {}  # tied weights (input/output embeddings) are one parameter under two names: save it once
+    for name, p in model.lm.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            state.pop(name, None)
     final = Path(output_dir) / "hf"
     if rank == 0:
         tmp = final.with_name("hf.tmp")

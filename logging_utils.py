@@ -41,7 +41,7 @@ class MetricsLogger:
             from tqdm import tqdm
 
             output_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(output_dir / "metrics.jsonl", "a")
+            self.file = open(output_dir / "metrics.jsonl", "w")
             # redraw at most every 30 s when the output is a log file rather than a terminal
             self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=0.1 if sys.stderr.isatty() else 30)

@@ -25,7 +25,6 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # chat JSONL paths: {"messages": [{"role", "content"}]}
-    eval_files: list[str] = field(default_factory=list)  # held-out JSONL for the eval loss; [] = no eval
     max_seq_len: int = 4096  # longest sample kept, in tokens; longer ones are dropped and counted
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
     num_proc: int = 1  # tokenizer processes; >1 helps on large files
@@ -135,7 +134,7 @@ def build_cache(files: list[str], tokenizer, cfg: DataConfig) -> Path:
         raise DataError("no input files: set data.train_files to a list of chat JSONL paths")
     for path in files:
         if not Path(path).is_file():
-            raise DataError(f"{path}: no such file (listed in data.train_files / data.eval_files)")
+            raise DataError(f"{path}: no such file (listed in data.train_files)")
     out = Path(cfg.cache_dir) / _fingerprint(files, tokenizer, cfg)
     if (out / "meta.json").exists():
         return out
@@ -209,9 +208,7 @@ def main(argv: list[str]):
     cfg = config.cli(SECTIONS, argv)
     tokenizer = load_tokenizer(cfg["model"])
     try:
-        for files in (cfg["data"].train_files, cfg["data"].eval_files):
-            if files:
-                print(summary(TokenCache(build_cache(files, tokenizer, cfg["data"]))))
+        print(summary(TokenCache(build_cache(cfg["data"].train_files, tokenizer, cfg["data"]))))
     except DataError as e:
         sys.exit(f"error: {e}")
 

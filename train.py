@@ -88,6 +88,9 @@ def _token_cache(cfg: dict, tokenizer, d: sharding.Dist) -> tokenize_data.TokenC
 def main(argv: list[str]):
     cfg = config.cli(SECTIONS, argv)
     tc = cfg["train"]
+    if cfg["checkpoint"].save_every_steps:
+        sys.exit("error: checkpoint.save_every_steps: resumable checkpoints are not implemented yet; set it to 0 "
+                 "(the final export to <output_dir>/hf is always written)")
     d = sharding.init_distributed()
     out = Path(tc.output_dir)
     if d.rank == 0:

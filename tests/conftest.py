@@ -29,7 +29,7 @@ def run_args(tmp_path: Path, data: str, **overrides) -> list[str]:
     base = {"data.train_files": f"[{data}]", "data.cache_dir": str(tmp_path / "cache"),
             "train.output_dir": str(tmp_path / "run"), "train.heldout_file": "", "train.max_steps": 3,
             "train.warmup_steps": 0, "sampler.batch_size": 32, "logging.log_every_steps": 1,
-            "sharding.compute_dtype": "float32", "model.dtype": "float32"}
+            "sharding.compute_dtype": "float32", "model.dtype": "float32", "train.lr": 1e-3}
     base |= {k.replace("__", "."): v for k, v in overrides.items()}
     return ["--config", QS_CONFIG] + [f"--{k}={v}" for k, v in base.items()]
 

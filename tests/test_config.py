@@ -68,3 +68,12 @@ def test_dump_round_trips(tmp_path):
 def test_every_shipped_config_loads(path: Path):
     cfg = config.load(str(path), SECTIONS)
     assert set(cfg) == set(SECTIONS)
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+    import re
+
+    documented = set(re.findall(r"^\| `(\w+\.\w+)` \|", (ROOT / "README.md").read_text(), re.M))
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert documented == keys

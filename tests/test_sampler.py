@@ -1,0 +1,110 @@
+"""Properties of the global step plan and of the packed rows."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sampler import MultipackPlan, SamplerConfig, collate, plan_stats
+
+
+def distributions():
+    rng = np.random.default_rng(0)
+    yield "uniform", rng.integers(1, 300, 500)
+    yield "long-tail", np.clip(rng.lognormal(4, 1, 700).astype(int), 1, 1000)
+    yield "constant", np.full(333, 64)
+    yield "bimodal", np.concatenate([rng.integers(1, 20, 300), rng.integers(900, 1000, 40)])
+    yield "tiny", rng.integers(1, 5, 7)
+
+
+@pytest.mark.parametrize("name,lengths", list(distributions()), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_plan_properties(name, lengths, world_size):
+    cfg = SamplerConfig(batch_size=64, max_tokens_per_rank=1000)
+    plans = [MultipackPlan(lengths, cfg, world_size, r, seed=3) for r in range(world_size)]
+    p = plans[0]
+    for epoch in (0, 1):
+        seen = []
+        for step in range(p.steps_per_epoch):
+            full = p.plan(epoch, step)
+            assert all(q.plan(epoch, step) == full for q in plans)  # identical on every rank
+            assert [q.micro_batches(epoch, step) for q in plans] == full
+            assert len({len(r) for r in full}) == 1  # same number of micro-steps everywhere
+            assert all(sum(lengths[i] for i in mb) <= cfg.max_tokens_per_rank for r in full for mb in r)
+            step_samples = [i for r in full for mb in r for i in mb]
+            assert sorted(step_samples) == sorted(p.step_samples(epoch, step).tolist())
+            seen += step_samples
+        assert sorted(seen) == list(range(len(lengths)))  # each sample exactly once per epoch
+    other = MultipackPlan(lengths, cfg, world_size, 0, seed=3)
+    assert [other.plan(1, s) for s in range(p.steps_per_epoch)] == [p.plan(1, s) for s in range(p.steps_per_epoch)]
+
+
+def test_step_composition_does_not_depend_on_world_size():
+    lengths = np.random.default_rng(1).integers(1, 500, 1000)
+    cfg = SamplerConfig(batch_size=100, max_tokens_per_rank=2000)
+    per_world = {}
+    for w in (1, 2, 8):
+        p = MultipackPlan(lengths, cfg, w, 0, seed=7)
+        per_world[w] = [sorted(i for r in p.plan(2, s) for mb in r for i in mb) for s in range(p.steps_per_epoch)]
+    assert per_world[1] == per_world[2] == per_world[8]
+
+
+def test_resume_mid_epoch_is_the_same_plan():
+    lengths = np.random.default_rng(2).integers(1, 500, 1000)
+    cfg = SamplerConfig(batch_size=50, max_tokens_per_rank=2000)
+    run = MultipackPlan(lengths, cfg, 2, 1, seed=5)
+    uninterrupted = [run.micro_batches(0, s) for s in range(run.steps_per_epoch)]
+    resumed = MultipackPlan(lengths, cfg, 2, 1, seed=5)
+    resumed.load_state_dict({"epoch": 0, "step": 13})
+    assert resumed.state_dict() == {"epoch": 0, "step": 13}
+    assert [resumed.micro_batches(0, s) for s in range(13, run.steps_per_epoch)] == uninterrupted[13:]
+
+
+def test_loss_tokens_sum_over_the_whole_step():
+    lengths = np.arange(1, 41)
+    loss_tokens = np.arange(40) % 7
+    p = MultipackPlan(lengths, SamplerConfig(batch_size=16, max_tokens_per_rank=100), 2, 0, seed=0)
+    for s in range(p.steps_per_epoch):
+        idx = [i for r in p.plan(0, s) for mb in r for i in mb]
+        assert p.loss_tokens(0, s, loss_tokens) == loss_tokens[idx].sum()
+
+
+def test_too_long_sample_is_a_startup_error():
+    with pytest.raises(ValueError, match=r"sample 2 has 900 tokens, more than sampler.max_tokens_per_rank=800 "
+                                         r"\(1 such samples\); raise sampler.max_tokens_per_rank"):
+        MultipackPlan(np.array([10, 20, 900]), SamplerConfig(batch_size=2, max_tokens_per_rank=800), 1, 0, 0)
+
+
+def test_realistic_sft_distribution_is_balanced_at_the_lower_bound():
+    """Long-tailed lengths (median ~500, p95 ~1,700), 8 ranks, cap 8,192, 1,024 samples per step."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(500), np.log(1700 / 500) / 1.645, 1024 * 60).astype(int), 8, 8192)
+    assert 450 < np.median(lengths) < 550 and 1500 < np.percentile(lengths, 95) < 1900
+    p = MultipackPlan(lengths, SamplerConfig(batch_size=1024, max_tokens_per_rank=8192), 8, 0, seed=0)
+    at_bound = 0
+    for step in range(p.steps_per_epoch):
+        per_rank = [sum(lengths[i] for mb in r for i in mb) for r in p.plan(0, step)]
+        bound = math.ceil(sum(per_rank) / (8 * 8192))
+        micro = len(p.plan(0, step)[0])
+        assert max(per_rank) / np.mean(per_rank) <= 1.02
+        assert micro <= bound + 1
+        at_bound += micro == bound
+    assert at_bound >= 0.95 * p.steps_per_epoch
+    stats = plan_stats(p)
+    assert stats["steps"] == 60 and stats["rank_imbalance_max"] <= 1.02 and stats["packing_efficiency"] > 0.9
+
+
+def test_collate_packs_padding_free_rows():
+    a = (np.array([5, 6, 7, 8], np.int32), np.array([0, 0, 1, 1], np.uint8))
+    b = (np.array([9, 10, 11], np.int32), np.array([0, 1, 1], np.uint8))
+    batch = collate([a, b], torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert batch["cu_seqlens"].tolist() == [0, 4, 7] and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["max_seqlen"] == 4
+    # position i predicts token i+1 of the same sample; the last position of each sample predicts nothing
+    assert batch["loss_idx"].tolist() == [1, 2, 4, 5]
+    assert batch["targets"].tolist() == [7, 8, 10, 11]
+    empty = collate([], torch.device("cpu"))
+    assert empty["input_ids"].shape == (1, 1) and empty["targets"].numel() == 0
