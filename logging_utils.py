@@ -36,7 +36,8 @@ class MetricsLogger:
 
     def __init__(self, output_dir: Path, cfg: LogConfig, rank: int, total_steps: int):
         self.cfg, self.on, self.start = cfg, rank == 0, time.perf_counter()
-        self.totals = {"steps": 0, "tokens": 0, "loss_tokens": 0, "nonfinite_steps": 0}
+        self.totals = {"steps": 0, "tokens": 0, "loss_tokens": 0, "micro_steps": 0, "nonfinite_steps": 0}
+        self.packing, self.imbalance = [], 0.0
         if self.on:
             from tqdm import tqdm
 
@@ -48,10 +49,12 @@ class MetricsLogger:
             self.summary_path = output_dir / "summary.json"
 
     def log(self, m: dict):
-        for k in ("tokens", "loss_tokens"):
+        for k in ("tokens", "loss_tokens", "micro_steps"):
             self.totals[k] += m[k]
         self.totals["steps"] += 1
         self.totals["nonfinite_steps"] += not m["finite"]
+        self.packing.append(m["packing_efficiency"])
+        self.imbalance = max(self.imbalance, m["rank_imbalance"])
         self.last = m
         if not self.on:
             return
@@ -63,13 +66,18 @@ class MetricsLogger:
         if m["step"] % self.cfg.log_every_steps == 0:
             self.bar.write(f"step {m['step']} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad_norm "
                            f"{m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s | packing "
-                           f"{m['packing_efficiency']:.2f} | {m['peak_mem_gib']:.2f} GiB")
+                           f"{m['packing_efficiency']:.2f} | imbalance {m['rank_imbalance']:.3f} | "
+                           f"{m['peak_mem_gib']:.2f} GiB")
 
     def close(self, extra: dict) -> dict:
         wall_s = time.perf_counter() - self.start
-        summary = self.totals | {"wall_s": round(wall_s, 2), "tokens_per_s": self.totals["tokens"] / wall_s,
-                                 "final_loss": self.last["loss"] if self.totals["steps"] else None,
-                                 "peak_mem_gib": self.last["peak_mem_gib"] if self.totals["steps"] else 0} | extra
+        steps = max(1, self.totals["steps"])
+        summary = self.totals | {
+            "wall_s": round(wall_s, 2), "tokens_per_s": self.totals["tokens"] / wall_s,
+            "final_loss": self.last["loss"] if self.packing else None,
+            "peak_mem_gib": self.last["peak_mem_gib"] if self.packing else 0,
+            "micro_steps_mean": self.totals["micro_steps"] / steps,
+            "packing_efficiency_mean": sum(self.packing) / steps, "rank_imbalance_max": self.imbalance} | extra
         if self.on:
             self.bar.close()
             self.file.close()

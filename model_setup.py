@@ -15,7 +15,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -26,6 +25,7 @@ class ModelConfig:
     # "packed": ours (per-sample attention on packed rows); the others are transformers' own, for comparison
     attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    loss: Literal["chunked", "liger"] = "chunked"  # liger: Liger's fused linear cross-entropy (CUDA, liger extra)
 
 
 def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softcap):
@@ -58,6 +58,26 @@ def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softca
     return out.transpose(1, 2)
 
 
+def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
+    """A varlen flash kernel on (1, H, T, D) CUDA tensors -> (1, T, H, D), or None if none applies: flash-attn
+    (FA2/FA3 builds; supports soft-capping) when installed, else PyTorch's own varlen attention."""
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
+                                      window_size=(window - 1, 0) if window else (-1, -1),
+                                      softcap=softcap or 0.0).unsqueeze(0)
+    if softcap is None and hasattr(torch.nn.attention, "varlen"):
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
+                           window_size=(window - 1, 0) if window else (-1, 0)).unsqueeze(0)  # (-1, 0) = causal
+    return None
+
+
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
                      softcap=None, **kwargs):
     """transformers attention-interface signature. Reads the sample boundaries from the `cu_seq_lens_q` and
@@ -68,46 +88,82 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
-    if query.is_cuda and softcap is None and dropout == 0.0 and hasattr(torch.nn.attention, "varlen"):
-        from torch.nn.attention.varlen import varlen_attn
-
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
-        window = (sliding_window - 1, 0) if sliding_window else (-1, 0)  # (-1, 0) = causal
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=window,
-                          enable_gqa=q.shape[1] != k.shape[1])
-        return out.unsqueeze(0), None
+    if query.is_cuda and dropout == 0.0:
+        out = _varlen_cuda(query, key, value, cu, max_len, scaling, sliding_window, softcap)
+        if out is not None:
+            return out, None
     return _sdpa_per_sample(query, key, value, cu.tolist(), scaling, dropout, sliding_window, softcap), None
 
 
-def _ce_sum(h, weight, targets, scale: float, softcap: float | None):
-    logits = (h @ weight.t()).float() * scale  # (chunk, V), fp32 for a stable log-softmax
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i), chunk by chunk. The gradients are computed in forward, where each chunk's logits
+    exist anyway, and kept for backward: no (chunk, V) logits outlive their chunk, and the output layer's matmul
+    is not recomputed (3 matmuls per chunk instead of 4 with activation checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, scale: float, softcap: float | None, chunk: int):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for a in range(0, len(targets), chunk):
+            hc, y = h[a:a + chunk], targets[a:a + chunk]
+            logits = (hc @ weight.t()).float() * scale  # (c, V), fp32 for a stable log-softmax
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = logits.logsumexp(-1)
+            loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_grad:
+                g = (logits - lse[:, None]).exp_()  # softmax; d loss / d logits = softmax - onehot(y)
+                g[torch.arange(len(y), device=g.device), y] -= 1
+                if softcap is not None:
+                    g *= 1 - capped**2
+                g *= scale
+                grad_h[a:a + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                grad_w.addmm_(g.t(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Tensor, targets: torch.Tensor,
                  scale: float = 1.0, softcap: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, int]:
     """hidden (T, H) after the final norm, weight (V, H) of the output layer, loss_idx (S,) positions that have a
-    target, targets (S,) -> (sum of the S token losses, S). Each chunk's logits are recomputed in backward
-    (activation checkpointing), so at most (chunk, V) logits exist at a time."""
-    h = hidden.index_select(0, loss_idx)  # (S, H)
-    S = targets.numel()
-    if S == 0:  # an empty micro-batch: a zero that still reaches every parameter, so backward runs everywhere
+    target, targets (S,) -> (sum of the S token losses, S). Logits exist for one chunk of `chunk` positions at a
+    time, and only for supervised positions."""
+    if targets.numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter
         return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
-    total = 0.0
-    for a in range(0, S, chunk):
-        total = total + checkpoint(_ce_sum, h[a:a + chunk], weight, targets[a:a + chunk], scale, softcap,
-                                   use_reentrant=False)
-    return total, S
+    h = hidden.index_select(0, loss_idx)  # (S, H)
+    return _LinearCrossEntropy.apply(h, weight, targets, scale, softcap, chunk), targets.numel()
+
+
+def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Tensor, targets: torch.Tensor,
+                       scale: float = 1.0, softcap: float | None = None) -> tuple[torch.Tensor, int]:
+    """The same contract as `compute_loss`, with Liger's fused linear cross-entropy (CUDA, Triton): the logits
+    are computed and consumed block by block inside one kernel, and never stored for backward."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise ImportError("model.loss: liger needs the liger extra: pip install -e '.[liger]'") from None
+    if scale != 1.0:
+        raise ValueError("model.loss: liger does not scale logits (this model sets logits_scaling); use chunked")
+    h = hidden.index_select(0, loss_idx)
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, targets), targets.numel()
 
 
 class PackedCausalLM(nn.Module):
     """The HF model plus our loss; `lm` is the unchanged transformers (or peft) model."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, loss_fn=compute_loss):
         super().__init__()
-        self.lm = lm
+        self.lm, self.loss_fn = lm, loss_fn
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, loss_idx, targets):
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
@@ -117,7 +173,7 @@ class PackedCausalLM(nn.Module):
         # Output-logit modifiers some families apply in their *ForCausalLM.forward, which we bypass:
         # Granite divides the logits by `logits_scaling`, Gemma-2 soft-caps them.
         scale = 1.0 / getattr(c, "logits_scaling", 1.0)
-        return compute_loss(hidden[0], self.lm.get_output_embeddings().weight, loss_idx, targets, scale,
+        return self.loss_fn(hidden[0], self.lm.get_output_embeddings().weight, loss_idx, targets, scale,
                             getattr(c, "final_logit_softcapping", None))
 
 
@@ -133,16 +189,23 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> PackedCausalLM:
+def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) -> PackedCausalLM:
+    """`on_meta`: build the architecture on the meta device without reading weights (ranks that receive their
+    shards from rank 0 later, see sharding.shard_model)."""
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
     AttentionInterface.register("packed", packed_attention)
     dtype = getattr(torch, cfg.dtype)
-    if cfg.random_init:
+    if on_meta:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
+                                                  attn_implementation=cfg.attn_implementation)
+        device = "meta"
+    elif cfg.random_init:
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
                                               attn_implementation=cfg.attn_implementation)
     else:
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return PackedCausalLM(lm.to(device))
+    return PackedCausalLM(lm.to(device), compute_loss_liger if cfg.loss == "liger" else compute_loss)

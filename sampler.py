@@ -105,21 +105,24 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device) 
     return batch | {"max_seqlen": max(lens)}
 
 
+def step_stats(step_plan: list[list[list[int]]], lengths: np.ndarray, cap: int) -> dict:
+    """Real tokens, micro-steps, packing efficiency (tokens / (micro-steps x cap x ranks)) and rank imbalance
+    (max / mean tokens per rank) of one step's plan."""
+    per_rank = [sum(int(lengths[i]) for mb in r for i in mb) for r in step_plan]
+    tokens, micro = sum(per_rank), len(step_plan[0])
+    return {"tokens": tokens, "micro_steps": micro, "packing_efficiency": tokens / (micro * cap * len(step_plan)),
+            "rank_imbalance": max(per_rank) / (tokens / len(step_plan))}
+
+
 def plan_stats(plan: MultipackPlan, epoch: int = 0) -> dict:
     """Statistics of one epoch's plan, for sizing batches for a cluster without running it."""
     cap, R = plan.cfg.max_tokens_per_rank, plan.world_size
-    micro, bound, eff, imbalance = [], [], [], []
-    for step in range(plan.steps_per_epoch):
-        p = plan.plan(epoch, step)
-        per_rank = [sum(int(plan.lengths[i]) for mb in r for i in mb) for r in p]
-        m = len(p[0])
-        micro.append(m)
-        bound.append(math.ceil(sum(per_rank) / (R * cap)))
-        eff.append(sum(per_rank) / (m * cap * R))
-        imbalance.append(max(per_rank) / (sum(per_rank) / R))
-    return {"steps": plan.steps_per_epoch, "micro_steps_mean": float(np.mean(micro)),
-            "micro_steps_lower_bound_mean": float(np.mean(bound)), "packing_efficiency": float(np.mean(eff)),
-            "rank_imbalance_max": float(max(imbalance))}
+    stats = [step_stats(plan.plan(epoch, k), plan.lengths, cap) for k in range(plan.steps_per_epoch)]
+    return {"steps": plan.steps_per_epoch, "micro_steps_mean": float(np.mean([s["micro_steps"] for s in stats])),
+            # the fewest micro-steps any plan could use: ceil(step tokens / (ranks x cap))
+            "micro_steps_lower_bound_mean": float(np.mean([math.ceil(s["tokens"] / (R * cap)) for s in stats])),
+            "packing_efficiency": float(np.mean([s["packing_efficiency"] for s in stats])),
+            "rank_imbalance_max": float(max(s["rank_imbalance"] for s in stats))}
 
 
 def main(argv: list[str]):

@@ -1,14 +1,16 @@
-"""Process groups and sharding strategies.
+"""Process groups, sharding strategies and LoRA wrapping.
 
 `init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU; a plain single process without it).
-`shard_model()` applies the configured strategy; `reduce_gradients()` is the one place gradients are combined
+`shard_model()` wraps LoRA adapters (peft) when asked, then applies the strategy; under FSDP2, ranks other than 0
+built the model on the meta device (model_setup.load_model) and receive their shards from rank 0 here, so CPU
+memory does not grow with the number of local ranks. `reduce_gradients()` is the one place gradients are combined
 across ranks before the optimizer step. Gradients are averaged over ranks (FSDP2's default, which gloo's lack of
 pre-multiplied sums keeps us from changing), so train.py backpropagates loss_sum * world_size / N_step, where
 N_step counts the supervised tokens of the whole step over all ranks: the mean then gives sum / N_step.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -22,6 +24,13 @@ class ShardingConfig:
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # fsdp2: dtype of forward/backward (weights and
     #   gradient reduction stay in model.dtype, the master dtype)
     reshard_after_forward: bool = True  # fsdp2: free gathered weights after forward (less memory, more comms)
+    hybrid: bool = False  # fsdp2: shard inside each node, replicate across nodes (torchrun --nnodes > 1)
+    cpu_offload: bool = False  # fsdp2: keep sharded weights, gradients and optimizer state in CPU memory
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base weights; 0 = full fine-tuning
+    lora_alpha: float = 16.0  # LoRA scale numerator: the adapter update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear
+    #   (every linear layer but the output layer)
 
 
 @dataclass
@@ -30,6 +39,7 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node
 
 
 def init_distributed() -> Dist:
@@ -44,28 +54,53 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device, int(os.environ["LOCAL_WORLD_SIZE"]))
 
 
-def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _apply_lora(model: nn.Module, cfg: ShardingConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+    model.lm = get_peft_model(model.lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
+                                                   lora_dropout=cfg.lora_dropout, target_modules=targets))
+
+
+def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     master = next(model.parameters()).dtype
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.compute_dtype), reduce_dtype=master)
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.compute_dtype), reduce_dtype=master),
+          "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
+    if cfg.hybrid:  # 2-D mesh: replicate over nodes (dim 0), shard over the ranks of a node (dim 1)
+        nodes = d.world_size // d.local_world_size
+        kw["mesh"] = init_device_mesh(d.device.type, (nodes, d.local_world_size), mesh_dim_names=("replicate", "shard"))
     # Each decoder block is its own unit, so only one block's full weights exist at a time; the root unit
     # holds the rest (embeddings, final norm, output layer), which stays gathered after forward because
     # backward needs it first.
     for block in model.lm.get_decoder().layers:
-        fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)
 
 
 def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist) -> nn.Module:
+    """`model` is model_setup.PackedCausalLM: real on rank 0; under fsdp2 on the meta device on other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if cfg.lora_rank:
+        _apply_lora(model, cfg)
     if cfg.strategy == "fsdp2":
-        _apply_fsdp2(model, cfg)
+        full = model.state_dict() if d.rank == 0 else {}  # rank 0's real weights (and adapters), to broadcast
+        _apply_fsdp2(model, cfg, d)
+        if d.world_size > 1:
+            if d.rank != 0:  # allocate this rank's shards (uninitialized; filled from rank 0 below)
+                model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            for b in model.buffers():  # buffers that no state dict holds (rotary frequencies)
+                dist.broadcast(b, src=0)
     elif d.world_size > 1:  # replicate: every rank starts from rank 0's weights
-        for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
     return model
 
 

@@ -107,7 +107,9 @@ def main(argv: list[str]):
     print0(f"{len(cache)} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps per epoch; "
            f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
 
-    model = model_setup.load_model(cfg["model"], d.device)
+    # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
+    on_meta = cfg["sharding"].strategy == "fsdp2" and d.rank != 0
+    model = model_setup.load_model(cfg["model"], d.device, on_meta)
     model = sharding.shard_model(model, cfg["sharding"], d)
     optimizer = build_optimizer(model, tc)
     log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps)
@@ -142,13 +144,11 @@ def main(argv: list[str]):
         optimizer.zero_grad(set_to_none=True)
         plan.epoch, plan.step = divmod(step + 1, plan.steps_per_epoch)
 
-        tokens = int(sum(cache.lengths[i] for r in step_plan for mb in r for i in mb))
+        stats = sampler.step_stats(step_plan, cache.lengths, cap)
         step_time_s = time.perf_counter() - t0
         log.log({"step": step + 1, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                 "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": n_step,
-                 "tokens_per_s": tokens / step_time_s, "micro_steps": len(step_plan[0]),
-                 "packing_efficiency": tokens / (len(step_plan[0]) * cap * d.world_size),
-                 "peak_mem_gib": logging_utils.peak_mem_gib(d.device), "finite": finite})
+                 "grad_norm": grad_norm, "loss_tokens": n_step, "tokens_per_s": stats["tokens"] / step_time_s,
+                 "peak_mem_gib": logging_utils.peak_mem_gib(d.device), "finite": finite} | stats)
         if not finite:
             print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
 

@@ -108,3 +108,20 @@ def test_collate_packs_padding_free_rows():
     assert batch["targets"].tolist() == [7, 8, 10, 11]
     empty = collate([], torch.device("cpu"))
     assert empty["input_ids"].shape == (1, 1) and empty["targets"].numel() == 0
+
+
+def test_plan_statistics_command(small_data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import QS_CONFIG, ROOT
+
+    p = subprocess.run([sys.executable, "sampler.py", "--config", QS_CONFIG, "--world-size", "4",
+                        f"--data.train_files=[{small_data}]", f"--data.cache_dir={tmp_path}",
+                        "--sampler.batch_size=48", "--sampler.max_tokens_per_rank=256"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    assert stats["steps"] == 4  # 192 samples / 48
+    assert stats["micro_steps_mean"] >= stats["micro_steps_lower_bound_mean"] >= 1
+    assert 0 < stats["packing_efficiency"] <= 1 and stats["rank_imbalance_max"] >= 1

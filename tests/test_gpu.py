@@ -1,0 +1,37 @@
+"""CUDA paths: the varlen kernels and Liger's loss against the per-sample reference. Run on a GPU machine with
+`python -m pytest -m gpu tests`; on CPU these are skipped (their CPU counterparts are in test_model.py)."""
+
+import pytest
+import torch
+
+import model_setup
+import sampler
+from test_model import CONFIGS, models, samples
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cuda_packed_attention_equals_per_sample(name):
+    ours, ref = models(name)
+    ours, ref = ours.cuda(), ref.cuda()
+    batch = sampler.collate(samples(), torch.device("cuda"))
+    hidden = ours.lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                   cu_seq_lens_q=batch["cu_seqlens"], max_length_q=batch["max_seqlen"]
+                                   ).last_hidden_state[0]
+    bounds = batch["cu_seqlens"].tolist()
+    for (ids, _), a, b in zip(samples(), bounds[:-1], bounds[1:]):
+        expected = ref.get_decoder()(input_ids=torch.from_numpy(ids).long()[None].cuda()).last_hidden_state[0]
+        torch.testing.assert_close(hidden[a:b], expected, atol=2e-3, rtol=2e-3)  # TF32/flash accumulation
+
+
+def test_liger_loss_equals_chunked():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=g).cuda().requires_grad_()
+    weight = torch.randn(1000, 64, generator=g).cuda().requires_grad_()
+    idx = torch.arange(0, 300, 3).cuda()
+    targets = torch.randint(0, 1000, (100,), generator=g).cuda()
+    ours, n = model_setup.compute_loss(hidden, weight, idx, targets)
+    liger, m = model_setup.compute_loss_liger(hidden, weight, idx, targets)
+    assert n == m == 100
+    torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-3)
