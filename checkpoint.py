@@ -2,7 +2,8 @@
 
 `export_hf` gathers the full weights (every rank takes part; only rank 0 writes) and writes safetensors, the
 model and generation config, and the tokenizer with its chat template to a temporary directory, then renames it
-to `<output_dir>/hf`, so a crash never leaves a half-written export behind.
+to `<output_dir>/hf`, so a crash never leaves a half-written export behind. With LoRA, `hf/` is the PEFT adapter
+and `hf/merged/` the model with the adapters merged into its base weights.
 """
 
 import shutil
@@ -29,6 +30,22 @@ def _replace_dir(tmp: Path, final: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_merged(peft_model: nn.Module, state: dict, path: Path):
+    """The adapters merged into the base weights, as a plain HF model: a CPU copy built from the gathered
+    state dict (meta-initialized, then the gathered tensors assigned, so no third copy is made)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    with torch.device("meta"):
+        copy = get_peft_model(AutoModelForCausalLM.from_config(base.config, dtype=base.dtype),
+                              peft_model.peft_config["default"])
+    copy.load_state_dict(state, strict=False, assign=True)
+    copy.tie_weights()
+    copy.merge_and_unload().save_pretrained(path)
+
+
 def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int) -> Path:
     """`model` is model_setup.PackedCausalLM (possibly sharded). Returns the export directory."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -43,8 +60,11 @@ def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int) -> Path:
     if rank == 0:
         tmp = final.with_name("hf.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.lm.save_pretrained(tmp, state_dict=state)
+        model.lm.save_pretrained(tmp, state_dict=state)  # a peft model saves its adapter only
         tokenizer.save_pretrained(tmp)
+        if hasattr(model.lm, "peft_config"):
+            _save_merged(model.lm, state, tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
         _replace_dir(tmp, final)
     if dist.is_initialized():
         dist.barrier()

@@ -70,8 +70,9 @@ def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     master = next(model.parameters()).dtype
+    offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.compute_dtype), reduce_dtype=master),
-          "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
+          "offload_policy": offload}
     if cfg.hybrid:  # 2-D mesh: replicate over nodes (dim 0), shard over the ranks of a node (dim 1)
         nodes = d.world_size // d.local_world_size
         kw["mesh"] = init_device_mesh(d.device.type, (nodes, d.local_world_size), mesh_dim_names=("replicate", "shard"))

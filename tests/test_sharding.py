@@ -1,0 +1,125 @@
+"""Sharding strategies change memory and speed, not the mathematics: five steps of each strategy x {full, LoRA}
+give the losses of the single-process run; a two-"node" run matches one node; only rank 0 reads weights."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, metrics, run_args, torchrun, write_jsonl
+
+LORA = {"sharding.lora_rank": 4, "sharding.lora_alpha": 8.0}
+VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single processes without sharding
+    "ref": (0, {}), "ref_lora": (0, LORA),
+    "fsdp2_hybrid": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"}),
+    "fsdp2_offload": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true"}),
+    "none_lora": (2, LORA), "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
+    "fsdp2_hybrid_lora": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"} | LORA),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharding")
+    data = write_jsonl(tmp / "data.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:320])
+    for name, (nproc, over) in VARIANTS.items():
+        torchrun(nproc, args(tmp, data, name, over))
+    return tmp
+
+
+def args(tmp, data, name, over):
+    return run_args(tmp, data, **{"sharding.strategy": "none", "train.output_dir": str(tmp / name),
+                                  "train.max_steps": 5} | over)
+
+
+def assert_same_losses(ref, got):
+    assert len(ref) == len(got) == 5
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a["loss"], b["loss"])
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if not n.startswith("ref")])
+def test_strategy_matches_single_process(runs, name):
+    ref = "ref_lora" if name.endswith("lora") else "ref"
+    assert_same_losses(metrics(runs / ref), metrics(runs / name))
+    hf = runs / name / "hf"
+    if name.endswith("lora"):
+        assert json.loads((hf / "adapter_config.json").read_text())["r"] == 4
+        merged = AutoModelForCausalLM.from_pretrained(hf / "merged")
+        base = AutoModelForCausalLM.from_config(merged.config)
+        PeftModel.from_pretrained(base, hf)  # the adapter loads onto the architecture
+    else:
+        AutoModelForCausalLM.from_pretrained(hf)
+
+
+def test_lora_export_base_plus_adapter_equals_merged(runs):
+    """The random-init base is rebuilt from the seed; base + saved adapter must compute what merged/ computes,
+    and merging may only have changed the weights LoRA targets."""
+    hf = runs / "fsdp2_lora" / "hf"
+    merged = AutoModelForCausalLM.from_pretrained(hf / "merged").eval()
+    torch.manual_seed(42)  # train.seed: the base as the run initialized it
+    base = AutoModelForCausalLM.from_config(merged.config)
+    init = {n: p.clone() for n, p in base.named_parameters()}
+    with_adapter = PeftModel.from_pretrained(base, hf).eval()
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
+    changed = {n for n, p in merged.named_parameters() if not torch.equal(p, init[n])}
+    assert changed and all(n.endswith("proj.weight") for n in changed), changed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("hybrid", ["false", "true"])
+def test_two_nodes_match_one(runs, tmp_path, hybrid):
+    """Two torchrun launches (--nnodes=2, one rank each) rendezvous on localhost."""
+    data = str(runs / "data.jsonl")
+    a = args(tmp_path, data, "two_nodes", {"sharding.strategy": "fsdp2", "sharding.hybrid": hybrid})
+    port = free_port()
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "train.py", *a], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    assert_same_losses(metrics(runs / "ref"), metrics(tmp_path / "two_nodes"))
+
+
+RANK0_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import model_setup, sharding
+d = sharding.init_distributed()
+cfg = model_setup.ModelConfig(path={path!r}, random_init=True, dtype="float32")
+model = model_setup.load_model(cfg, d.device, on_meta=d.rank != 0)
+on_meta = all(p.is_meta for p in model.parameters())
+total = sum(p.numel() for p in model.parameters())
+model = sharding.shard_model(model, sharding.ShardingConfig(strategy="fsdp2", compute_dtype="float32"), d)
+local = sum(p.to_local().numel() for p in model.parameters())
+print(f"rank {{d.rank}} meta_before_sharding={{on_meta}} local={{local}} total={{total}}", flush=True)
+"""
+
+
+def test_only_rank0_reads_weights(tmp_path):
+    script = tmp_path / "rank0.py"
+    script.write_text(RANK0_SCRIPT.format(root=str(ROOT), path=str(ROOT / "data/quickstart/model")))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = dict(line.split(" ", 2)[1:] for line in p.stdout.splitlines() if line.startswith("rank "))
+    fields = {r: dict(kv.split("=") for kv in rest.split()) for r, rest in lines.items()}
+    assert fields["0"]["meta_before_sharding"] == "False"
+    assert fields["1"]["meta_before_sharding"] == "True"  # rank 1 never held real full weights
+    for r in "01":  # after sharding each rank holds about half
+        assert int(fields[r]["local"]) <= int(fields[r]["total"]) // 2 + 1000
