@@ -31,18 +31,23 @@ def _replace_dir(tmp: Path, final: Path):
 
 
 def _save_merged(peft_model: nn.Module, state: dict, path: Path):
-    """The adapters merged into the base weights, as a plain HF model: a CPU copy built from the gathered
-    state dict (meta-initialized, then the gathered tensors assigned, so no third copy is made)."""
+    """The adapters merged into the 16-bit base weights, as a plain HF model, on rank 0's CPU. A 4-bit base is
+    read again from its directory in 16 bits (merging into dequantized NF4 weights would bake the quantization
+    error into the model); otherwise the gathered state dict is assigned to a meta-built copy (no third copy)."""
     import torch
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    base = peft_model.get_base_model()
-    with torch.device("meta"):
-        copy = get_peft_model(AutoModelForCausalLM.from_config(base.config, dtype=base.dtype),
-                              peft_model.peft_config["default"])
-    copy.load_state_dict(state, strict=False, assign=True)
-    copy.tie_weights()
+    base, config = peft_model.get_base_model(), peft_model.peft_config["default"]
+    if getattr(base, "is_loaded_in_4bit", False):
+        copy = get_peft_model(AutoModelForCausalLM.from_pretrained(base.config._name_or_path, dtype=base.dtype),
+                              config)
+        set_peft_model_state_dict(copy, get_peft_model_state_dict(peft_model, state_dict=state))
+    else:
+        with torch.device("meta"):
+            copy = get_peft_model(AutoModelForCausalLM.from_config(base.config, dtype=base.dtype), config)
+        copy.load_state_dict(state, strict=False, assign=True)
+        copy.tie_weights()
     copy.merge_and_unload().save_pretrained(path)
 
 

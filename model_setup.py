@@ -26,6 +26,8 @@ class ModelConfig:
     attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     loss: Literal["chunked", "liger"] = "chunked"  # liger: Liger's fused linear cross-entropy (CUDA, liger extra)
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`
+    #   (bitsandbytes extra); needs real weights (random_init: false) and LoRA (sharding.lora_rank > 0)
 
 
 def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softcap):
@@ -191,21 +193,29 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) -> PackedCausalLM:
     """`on_meta`: build the architecture on the meta device without reading weights (ranks that receive their
-    shards from rank 0 later, see sharding.shard_model)."""
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    shards from rank 0 later, see sharding.shard_model). `load_in_4bit` quantizes the linear layers of the
+    decoder to NF4 as they are read (QLoRA; the adapters are added by sharding.shard_model)."""
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     AttentionInterface.register("packed", packed_attention)
-    dtype = getattr(torch, cfg.dtype)
+    kw = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if on_meta:
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
-                                                  attn_implementation=cfg.attn_implementation)
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
         device = "meta"
     elif cfg.random_init:
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), dtype=dtype,
-                                              attn_implementation=cfg.attn_implementation)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
+    elif cfg.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ImportError("model.load_in_4bit needs the bitsandbytes extra: pip install -e '.[bitsandbytes]'")
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=kw["dtype"], bnb_4bit_quant_storage=kw["dtype"])
+        lm = AutoModelForCausalLM.from_pretrained(cfg.path, quantization_config=q, device_map={"": device}, **kw)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return PackedCausalLM(lm.to(device), compute_loss_liger if cfg.loss == "liger" else compute_loss)
+    loss_fn = compute_loss_liger if cfg.loss == "liger" else compute_loss
+    return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), loss_fn)

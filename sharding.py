@@ -84,16 +84,17 @@ def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
     fully_shard(model, reshard_after_forward=False, **kw)
 
 
-def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist) -> nn.Module:
-    """`model` is model_setup.PackedCausalLM: real on rank 0; under fsdp2 on the meta device on other ranks."""
+def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool = True) -> nn.Module:
+    """`model` is model_setup.PackedCausalLM, real on rank 0; with fsdp2 and `from_rank0`, on the meta device on
+    the other ranks, which then receive their shards from rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if cfg.lora_rank:
         _apply_lora(model, cfg)
     if cfg.strategy == "fsdp2":
-        full = model.state_dict() if d.rank == 0 else {}  # rank 0's real weights (and adapters), to broadcast
+        full = model.state_dict() if d.rank == 0 and from_rank0 else {}  # rank 0's weights and adapters
         _apply_fsdp2(model, cfg, d)
-        if d.world_size > 1:
+        if d.world_size > 1 and from_rank0:
             if d.rank != 0:  # allocate this rank's shards (uninitialized; filled from rank 0 below)
                 model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

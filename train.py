@@ -8,6 +8,7 @@ logging_utils throughout. Swap points here: `build_optimizer` and `lr_at`.
 """
 
 import math
+import os
 import random
 import sys
 import time
@@ -66,6 +67,25 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.lr_schedule])
 
 
+def _check_combinations(cfg: dict):
+    """Settings that cannot work together, refused at start-up with what to change."""
+    m, sh = cfg["model"], cfg["sharding"]
+    problems = [
+        (cfg["checkpoint"].save_every_steps > 0, "checkpoint.save_every_steps: resumable checkpoints are not "
+         "implemented yet; set it to 0 (the final export to <output_dir>/hf is always written)"),
+        (m.load_in_4bit and m.random_init, "model.load_in_4bit quantizes weights as they are read: set "
+         "model.random_init: false and model.path to a directory with weights"),
+        (m.load_in_4bit and not sh.lora_rank, "model.load_in_4bit: 4-bit weights cannot be trained; set "
+         "sharding.lora_rank > 0 (QLoRA)"),
+        (m.load_in_4bit and sh.cpu_offload, "model.load_in_4bit with sharding.cpu_offload is not supported; "
+         "set one of them to false"),
+        (sh.strategy == "fsdp2" and "RANK" not in os.environ, "sharding.strategy: fsdp2 needs torchrun "
+         "(torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
+    ]
+    if msgs := [msg for bad, msg in problems if bad]:
+        sys.exit("error: " + "\n       ".join(msgs))
+
+
 def _token_cache(cfg: dict, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
     """Rank 0 tokenizes (or finds the cache); the others wait, then all memory-map it."""
     path = None
@@ -88,9 +108,7 @@ def _token_cache(cfg: dict, tokenizer, d: sharding.Dist) -> tokenize_data.TokenC
 def main(argv: list[str]):
     cfg = config.cli(SECTIONS, argv)
     tc = cfg["train"]
-    if cfg["checkpoint"].save_every_steps:
-        sys.exit("error: checkpoint.save_every_steps: resumable checkpoints are not implemented yet; set it to 0 "
-                 "(the final export to <output_dir>/hf is always written)")
+    _check_combinations(cfg)
     d = sharding.init_distributed()
     out = Path(tc.output_dir)
     if d.rank == 0:
@@ -108,9 +126,10 @@ def main(argv: list[str]):
            f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
 
     # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
-    on_meta = cfg["sharding"].strategy == "fsdp2" and d.rank != 0
-    model = model_setup.load_model(cfg["model"], d.device, on_meta)
-    model = sharding.shard_model(model, cfg["sharding"], d)
+    # (4-bit weights are read by every rank: they are a quarter of the size, and quantized as they are read)
+    from_rank0 = cfg["sharding"].strategy == "fsdp2" and not cfg["model"].load_in_4bit
+    model = model_setup.load_model(cfg["model"], d.device, on_meta=from_rank0 and d.rank != 0)
+    model = sharding.shard_model(model, cfg["sharding"], d, from_rank0)
     optimizer = build_optimizer(model, tc)
     log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps)
 

@@ -123,3 +123,49 @@ def test_only_rank0_reads_weights(tmp_path):
     assert fields["1"]["meta_before_sharding"] == "True"  # rank 1 never held real full weights
     for r in "01":  # after sharding each rank holds about half
         assert int(fields[r]["local"]) <= int(fields[r]["total"]) // 2 + 1000
+
+
+@pytest.fixture(scope="module")
+def qlora(runs):
+    """A base model with real weights on disk (QLoRA quantizes as it reads), then QLoRA runs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    base = runs / "qbase"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "data/quickstart/model")).save_pretrained(base)
+    AutoTokenizer.from_pretrained(ROOT / "data/quickstart/model").save_pretrained(base)
+    over = LORA | {"model.path": str(base), "model.random_init": "false", "model.load_in_4bit": "true",
+                   "train.lr": 1e-2, "train.max_steps": 6}
+    data = str(runs / "data.jsonl")
+    torchrun(0, args(runs, data, "qlora_single", over) + ["--train.max_steps=6"])
+    torchrun(2, args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"}) + ["--train.max_steps=6"])
+    return runs
+
+
+@pytest.mark.parametrize("name", ["qlora_single", "qlora_fsdp2"])
+def test_qlora_trains_adapters_only_and_exports(qlora, name):
+    rows = metrics(qlora / name)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
+    ref = metrics(qlora / "qlora_single")
+    assert all(abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"] for a, b in zip(ref, rows))
+    hf = qlora / name / "hf"
+    base16 = AutoModelForCausalLM.from_pretrained(qlora / "qbase").eval()
+    before = {n: p.clone() for n, p in base16.named_parameters()}
+    merged = AutoModelForCausalLM.from_pretrained(hf / "merged").eval()
+    changed = {n for n, p in merged.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith("proj.weight") for n in changed), changed  # only where adapters sit
+    with_adapter = PeftModel.from_pretrained(base16, hf).eval()  # the adapter saves and loads
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():  # merged into the 16-bit base, not into dequantized 4-bit weights
+        torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"model.load_in_4bit": "true"}, "model.load_in_4bit: 4-bit weights cannot be trained; set sharding.lora_rank"),
+    ({"model.load_in_4bit": "true", "sharding.lora_rank": 4}, "set model.random_init: false"),
+    ({"sharding.strategy": "fsdp2"}, "sharding.strategy: fsdp2 needs torchrun"),
+])
+def test_rejected_combinations(tmp_path, small_data, over, message):
+    p = subprocess.run([sys.executable, "train.py", *run_args(tmp_path, small_data, **over)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
