@@ -55,8 +55,11 @@ def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int) -> Path:
     """`model` is model_setup.PackedCausalLM (possibly sharded). Returns the export directory."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    # full_state_dict gathers sharded (DTensor) weights; cpu_offload keeps the gathered copy on rank 0's CPU only
-    state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if getattr(model, "zero_optimization_stage", lambda: 0)() == 3:  # DeepSpeed ZeRO-3: gathered on rank 0
+        state = model._zero3_consolidated_16bit_state_dict() or {}  # None on the other ranks
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+    else:  # full_state_dict gathers sharded (DTensor) weights; cpu_offload: the gathered copy on rank 0's CPU only
+        state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     first = {}  # tied weights (input/output embeddings) are one parameter under two names: save it once
     for name, p in model.lm.named_parameters(remove_duplicate=False):
         if first.setdefault(id(p), name) != name:

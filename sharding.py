@@ -9,6 +9,7 @@ pre-multiplied sums keeps us from changing), so train.py backpropagates loss_sum
 N_step counts the supervised tokens of the whole step over all ranks: the mean then gives sum / N_step.
 """
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,12 +21,15 @@ from torch import nn
 
 @dataclass
 class ShardingConfig:
-    strategy: Literal["none", "fsdp2"] = "none"  # none: every rank holds the whole model; fsdp2: fully_shard
+    strategy: Literal["none", "fsdp2", "deepspeed"] = "none"  # none: every rank holds the whole model;
+    #   fsdp2: fully_shard per block; deepspeed: ZeRO (deepspeed extra)
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # fsdp2: dtype of forward/backward (weights and
     #   gradient reduction stay in model.dtype, the master dtype)
     reshard_after_forward: bool = True  # fsdp2: free gathered weights after forward (less memory, more comms)
     hybrid: bool = False  # fsdp2: shard inside each node, replicate across nodes (torchrun --nnodes > 1)
-    cpu_offload: bool = False  # fsdp2: keep sharded weights, gradients and optimizer state in CPU memory
+    cpu_offload: bool = False  # fsdp2: sharded weights, gradients and optimizer state in CPU memory;
+    #   deepspeed: optimizer state (and with ZeRO-3 the weights) in CPU memory
+    zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 also gradients, 3 also weights
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base weights; 0 = full fine-tuning
     lora_alpha: float = 16.0  # LoRA scale numerator: the adapter update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapter input
@@ -106,9 +110,55 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool
     return model
 
 
+def wrap_deepspeed(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_norm: float):
+    """DeepSpeed's engine around our model and optimizer, configured from our YAML. The loop keeps its own
+    accumulation (a boundary flag per micro-step, since the number of micro-steps varies) and loss scaling, so
+    DeepSpeed runs with one micro-batch per 'step' and averages gradients over ranks as FSDP2 does."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ImportError("sharding.strategy: deepspeed needs the deepspeed extra: pip install -e '.[deepspeed]'")
+    zero = {"stage": cfg.zero_stage}
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its own module's forward
+        deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+                 "gradient_clipping": max_grad_norm, "bf16": {"enabled": cfg.compute_dtype == "bfloat16"}}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def backward(model: nn.Module, loss: torch.Tensor, last_micro_step: bool):
+    if hasattr(model, "set_gradient_accumulation_boundary"):  # a DeepSpeed engine
+        model.set_gradient_accumulation_boundary(last_micro_step)
+        model.backward(loss)
+    else:
+        loss.backward()
+
+
+def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: bool) -> float:
+    """Clips to `max_grad_norm` (0 = no clipping) and, if `update`, steps; returns the gradient norm before
+    clipping (DeepSpeed clips inside its step and reports the norm after it)."""
+    if hasattr(model, "set_gradient_accumulation_boundary"):
+        if update:
+            model.step()
+        else:
+            model.optimizer.zero_grad()
+        return float(model.get_global_grad_norm() or 0.0)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    if update and math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def reduce_gradients(model: nn.Module, cfg: ShardingConfig, d: Dist):
-    """Averages gradients over ranks. FSDP2 already reduce-scattered them during backward; with `none` they are
-    all-reduced here in one flat buffer. Edit this to aggregate gradients differently."""
+    """Averages gradients over ranks. FSDP2 and DeepSpeed already reduced them during backward; with `none` they
+    are all-reduced here in one flat buffer. Edit this to aggregate gradients differently."""
     if cfg.strategy != "none" or d.world_size == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]

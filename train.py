@@ -79,6 +79,8 @@ def _check_combinations(cfg: dict):
          "sharding.lora_rank > 0 (QLoRA)"),
         (m.load_in_4bit and sh.cpu_offload, "model.load_in_4bit with sharding.cpu_offload is not supported; "
          "set one of them to false"),
+        (m.load_in_4bit and sh.strategy == "deepspeed", "model.load_in_4bit (QLoRA) does not work with DeepSpeed; "
+         "use sharding.strategy: fsdp2 or none"),
         (sh.strategy == "fsdp2" and "RANK" not in os.environ, "sharding.strategy: fsdp2 needs torchrun "
          "(torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
     ]
@@ -131,6 +133,8 @@ def main(argv: list[str]):
     model = model_setup.load_model(cfg["model"], d.device, on_meta=from_rank0 and d.rank != 0)
     model = sharding.shard_model(model, cfg["sharding"], d, from_rank0)
     optimizer = build_optimizer(model, tc)
+    if cfg["sharding"].strategy == "deepspeed":
+        model, optimizer = sharding.wrap_deepspeed(model, optimizer, cfg["sharding"], tc.max_grad_norm)
     log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps)
 
     for step in range(total_steps):
@@ -142,25 +146,21 @@ def main(argv: list[str]):
         step_plan = plan.plan(epoch, k)
         n_step = plan.loss_tokens(epoch, k, cache.loss_tokens)  # supervised targets, all ranks
         loss_sum = torch.zeros((), device=d.device)
-        for mb in step_plan[d.rank]:
+        micro_batches = step_plan[d.rank]
+        for j, mb in enumerate(micro_batches):
             batch = sampler.collate([cache[i] for i in mb], d.device)
             micro_loss, _ = model(**batch)
             # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
             # of sum(token losses of the step, all ranks) / n_step
-            (micro_loss * (d.world_size / max(n_step, 1))).backward()
+            sharding.backward(model, micro_loss * (d.world_size / max(n_step, 1)), j == len(micro_batches) - 1)
             loss_sum += micro_loss.detach()
         sharding.reduce_gradients(model, cfg["sharding"], d)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
         if d.world_size > 1:
             dist.all_reduce(loss_sum)
-        # The one host sync of the step: the loss for the log and the finiteness check, agreed on all ranks
-        # because grad_norm and loss_sum are global.
-        loss, grad_norm = loss_sum.item() / max(n_step, 1), grad_norm.full_tensor().item() \
-            if hasattr(grad_norm, "full_tensor") else grad_norm.item()
+        # Host syncs, meant: the loss and the gradient norm, global, so every rank takes the same decision.
+        loss = loss_sum.item() / max(n_step, 1)
+        grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         plan.epoch, plan.step = divmod(step + 1, plan.steps_per_epoch)
 
         stats = sampler.step_stats(step_plan, cache.lengths, cap)

@@ -1,4 +1,5 @@
-"""Sharding strategies change memory and speed, not the mathematics: five steps of each strategy x {full, LoRA}
+"""Sharding strategies change memory and speed, not the mathematics: five steps of each strategy (none, FSDP2,
+hybrid, CPU offload, DeepSpeed ZeRO 1-3) x {full, LoRA}
 give the losses of the single-process run; a two-"node" run matches one node; only rank 0 reads weights."""
 
 import json
@@ -21,6 +22,8 @@ VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single pr
     "fsdp2_offload": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true"}),
     "none_lora": (2, LORA), "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
     "fsdp2_hybrid_lora": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"} | LORA),
+    **{f"zero{z}{lora}": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": z} | (LORA if lora else {}))
+       for z in (1, 2, 3) for lora in ("", "_lora")},
 }
 
 
@@ -164,6 +167,8 @@ def test_qlora_trains_adapters_only_and_exports(qlora, name):
     ({"model.load_in_4bit": "true"}, "model.load_in_4bit: 4-bit weights cannot be trained; set sharding.lora_rank"),
     ({"model.load_in_4bit": "true", "sharding.lora_rank": 4}, "set model.random_init: false"),
     ({"sharding.strategy": "fsdp2"}, "sharding.strategy: fsdp2 needs torchrun"),
+    ({"model.load_in_4bit": "true", "sharding.lora_rank": 4, "sharding.strategy": "deepspeed"},
+     "model.load_in_4bit (QLoRA) does not work with DeepSpeed"),
 ])
 def test_rejected_combinations(tmp_path, small_data, over, message):
     p = subprocess.run([sys.executable, "train.py", *run_args(tmp_path, small_data, **over)], cwd=ROOT,

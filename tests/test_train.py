@@ -70,3 +70,15 @@ def test_end_to_end_outputs(runs):
     loaded = {k: v for k, v in model.state_dict().items()}
     for k, v in weights(run).items():
         assert torch.equal(loaded[k], v)
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path, small_data):
+    """An absurd learning rate makes the weights overflow after step 1; later updates are skipped, counted in
+    metrics and summary, and reported, not silently applied."""
+    p = torchrun(0, run_args(tmp_path, small_data, **{"sharding.strategy": "none", "train.lr": 1e30,
+                                                       "train.max_grad_norm": 0, "train.max_steps": 3}))
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["finite"] and not rows[-1]["finite"]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["nonfinite_steps"] == sum(not m["finite"] for m in rows) >= 1
+    assert "update skipped" in p.stdout
