@@ -4,8 +4,8 @@ writes after it are trained; everything else gets label -100.
     python tokenize_data.py --config configs/quickstart.yaml
 
 The cache is a directory keyed by a hash of the input files, the tokenizer, its chat template and the options, so a
-changed input is never served stale. It holds flat `input_ids` (int32), `loss_mask` (uint8), per-sample `offsets`
-(int64, n+1), per-sample supervised target counts `loss_tokens` and `meta.json` (counts, drops by reason, length percentiles).
+changed input is never served stale. It holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sample `offsets`
+(int64, n+1) and supervised target counts `loss_tokens`, and `meta.json` (counts, drops by reason, percentiles).
 """
 
 import hashlib
