@@ -20,6 +20,8 @@ VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single pr
     "ref": (0, {}), "ref_lora": (0, LORA),
     "fsdp2_hybrid": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"}),
     "fsdp2_offload": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true"}),
+    "fsdp2_checkpointing": (2, {"sharding.strategy": "fsdp2", "model.gradient_checkpointing": "true"}),
+    "fsdp2_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.compute_dtype": "bfloat16"}),
     "none_lora": (2, LORA), "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
     "fsdp2_hybrid_lora": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"} | LORA),
     **{f"zero{z}{lora}": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": z} | (LORA if lora else {}))
@@ -41,16 +43,17 @@ def args(tmp, data, name, over):
                                   "train.max_steps": 5} | over)
 
 
-def assert_same_losses(ref, got):
+def assert_same_losses(ref, got, rtol=1e-4):
     assert len(ref) == len(got) == 5
     for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) <= rtol * abs(a["loss"]), (a["loss"], b["loss"])
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if not n.startswith("ref")])
 def test_strategy_matches_single_process(runs, name):
     ref = "ref_lora" if name.endswith("lora") else "ref"
-    assert_same_losses(metrics(runs / ref), metrics(runs / name))
+    # bf16 compute rounds activations to 8 bits of mantissa; the master weights and reduction stay fp32
+    assert_same_losses(metrics(runs / ref), metrics(runs / name), rtol=2e-3 if name == "fsdp2_bf16" else 1e-4)
     hf = runs / name / "hf"
     if name.endswith("lora"):
         assert json.loads((hf / "adapter_config.json").read_text())["r"] == 4
@@ -58,7 +61,8 @@ def test_strategy_matches_single_process(runs, name):
         base = AutoModelForCausalLM.from_config(merged.config)
         PeftModel.from_pretrained(base, hf)  # the adapter loads onto the architecture
     else:
-        AutoModelForCausalLM.from_pretrained(hf)
+        model = AutoModelForCausalLM.from_pretrained(hf)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights, also after bf16 compute
 
 
 def test_lora_export_base_plus_adapter_equals_merged(runs):
