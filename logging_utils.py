@@ -74,8 +74,8 @@ class MetricsLogger:
         steps = max(1, self.totals["steps"])
         summary = self.totals | {
             "wall_s": round(wall_s, 2), "tokens_per_s": self.totals["tokens"] / wall_s,
-            "final_loss": self.last["loss"] if self.packing else None,
-            "peak_mem_gib": self.last["peak_mem_gib"] if self.packing else 0,
+            "final_loss": self.last["loss"] if self.totals["steps"] else None,
+            "peak_mem_gib": self.last["peak_mem_gib"] if self.totals["steps"] else 0,
             "micro_steps_mean": self.totals["micro_steps"] / steps,
             "packing_efficiency_mean": sum(self.packing) / steps, "rank_imbalance_max": self.imbalance} | extra
         if self.on:

@@ -138,8 +138,6 @@ def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Ten
     """hidden (T, H) after the final norm, weight (V, H) of the output layer, loss_idx (S,) positions that have a
     target, targets (S,) -> (sum of the S token losses, S). Logits exist for one chunk of `chunk` positions at a
     time, and only for supervised positions."""
-    if targets.numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter
-        return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
     h = hidden.index_select(0, loss_idx)  # (S, H)
     return _LinearCrossEntropy.apply(h, weight, targets, scale, softcap, chunk), targets.numel()
 
@@ -155,8 +153,6 @@ def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: tor
     if scale != 1.0:
         raise ValueError("model.loss: liger does not scale logits (this model sets logits_scaling); use chunked")
     h = hidden.index_select(0, loss_idx)
-    if targets.numel() == 0:
-        return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
     return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, targets), targets.numel()
 
 
@@ -171,12 +167,14 @@ class PackedCausalLM(nn.Module):
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                        cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                                        max_length_q=max_seqlen, max_length_k=max_seqlen).last_hidden_state
+        weight = self.lm.get_output_embeddings().weight  # (V, H)
+        if targets.numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter, so that
+            return hidden.sum() * 0.0 + weight.sum() * 0.0, 0  # backward (and its collectives) runs everywhere
         c = self.lm.config
         # Output-logit modifiers some families apply in their *ForCausalLM.forward, which we bypass:
         # Granite divides the logits by `logits_scaling`, Gemma-2 soft-caps them.
         scale = 1.0 / getattr(c, "logits_scaling", 1.0)
-        return self.loss_fn(hidden[0], self.lm.get_output_embeddings().weight, loss_idx, targets, scale,
-                            getattr(c, "final_logit_softcapping", None))
+        return self.loss_fn(hidden[0], weight, loss_idx, targets, scale, getattr(c, "final_logit_softcapping", None))
 
 
 def load_tokenizer(cfg: ModelConfig):
