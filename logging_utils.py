@@ -37,7 +37,7 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, cfg: LogConfig, rank: int, total_steps: int):
         self.cfg, self.on, self.start = cfg, rank == 0, time.perf_counter()
         self.totals = {"steps": 0, "tokens": 0, "loss_tokens": 0, "micro_steps": 0, "nonfinite_steps": 0}
-        self.packing, self.imbalance = [], 0.0
+        self.packing_sum, self.imbalance = 0.0, 0.0
         if self.on:
             from tqdm import tqdm
 
@@ -53,7 +53,7 @@ class MetricsLogger:
             self.totals[k] += m[k]
         self.totals["steps"] += 1
         self.totals["nonfinite_steps"] += not m["finite"]
-        self.packing.append(m["packing_efficiency"])
+        self.packing_sum += m["packing_efficiency"]
         self.imbalance = max(self.imbalance, m["rank_imbalance"])
         self.last = m
         if not self.on:
@@ -77,7 +77,7 @@ class MetricsLogger:
             "final_loss": self.last["loss"] if self.totals["steps"] else None,
             "peak_mem_gib": self.last["peak_mem_gib"] if self.totals["steps"] else 0,
             "micro_steps_mean": self.totals["micro_steps"] / steps,
-            "packing_efficiency_mean": sum(self.packing) / steps, "rank_imbalance_max": self.imbalance} | extra
+            "packing_efficiency_mean": self.packing_sum / steps, "rank_imbalance_max": self.imbalance} | extra
         if self.on:
             self.bar.close()
             self.file.close()

@@ -5,24 +5,14 @@ import pytest
 import torch
 
 import model_setup
-import sampler
-from test_model import CONFIGS, models, samples
+from test_model import CONFIGS, assert_packed_equals_per_sample
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cuda_packed_attention_equals_per_sample(name):
-    ours, ref = models(name)
-    ours, ref = ours.cuda(), ref.cuda()
-    batch = sampler.collate(samples(), torch.device("cuda"))
-    hidden = ours.lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                   cu_seq_lens_q=batch["cu_seqlens"], max_length_q=batch["max_seqlen"]
-                                   ).last_hidden_state[0]
-    bounds = batch["cu_seqlens"].tolist()
-    for (ids, _), a, b in zip(samples(), bounds[:-1], bounds[1:]):
-        expected = ref.get_decoder()(input_ids=torch.from_numpy(ids).long()[None].cuda()).last_hidden_state[0]
-        torch.testing.assert_close(hidden[a:b], expected, atol=2e-3, rtol=2e-3)  # TF32/flash accumulation
+    assert_packed_equals_per_sample(name, torch.device("cuda"), atol=2e-3, rtol=2e-3)  # TF32/flash accumulation
 
 
 def test_liger_loss_equals_chunked():
