@@ -5,6 +5,7 @@ optimizer step), `summary.json` at the end, and greedy exact-match accuracy of a
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -32,21 +33,35 @@ def peak_mem_gib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl and summary.json and drives the progress bar; does nothing off rank 0."""
+    """Writes metrics.jsonl and summary.json and drives the progress bar; does nothing off rank 0. `resume` is a
+    `state_dict()` saved in a checkpoint: counters continue from it, and metrics.jsonl keeps only the steps up to
+    it (later lines were written by the run that died, and those steps are trained again)."""
 
-    def __init__(self, output_dir: Path, cfg: LogConfig, rank: int, total_steps: int):
-        self.cfg, self.on, self.start = cfg, rank == 0, time.perf_counter()
-        self.totals = {"steps": 0, "tokens": 0, "loss_tokens": 0, "micro_steps": 0, "nonfinite_steps": 0}
-        self.packing_sum, self.imbalance = 0.0, 0.0
+    def __init__(self, output_dir: Path, cfg: LogConfig, rank: int, total_steps: int, resume: dict | None = None):
+        resume = resume or {"totals": dict.fromkeys(["steps", "tokens", "loss_tokens", "micro_steps",
+                                                     "nonfinite_steps"], 0),
+                             "packing_sum": 0.0, "imbalance": 0.0, "elapsed_s": 0.0, "last": None}
+        self.cfg, self.on, self.last = cfg, rank == 0, resume["last"]
+        self.totals, self.packing_sum, self.imbalance = dict(resume["totals"]), resume["packing_sum"], resume["imbalance"]
+        self.start = time.perf_counter() - resume["elapsed_s"]
         if self.on:
             from tqdm import tqdm
 
             output_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(output_dir / "metrics.jsonl", "w")
+            path, done = output_dir / "metrics.jsonl", self.totals["steps"]
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if json.loads(line)["step"] <= done] if done and path.exists() else []
+            path.with_suffix(".tmp").write_text("".join(kept))
+            os.replace(path.with_suffix(".tmp"), path)
+            self.file = open(path, "a")
             # redraw at most every 30 s when the output is a log file rather than a terminal
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+            self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step", dynamic_ncols=True,
                             mininterval=0.1 if sys.stderr.isatty() else 30)
             self.summary_path = output_dir / "summary.json"
+
+    def state_dict(self) -> dict:
+        return {"totals": self.totals, "packing_sum": self.packing_sum, "imbalance": self.imbalance,
+                "elapsed_s": time.perf_counter() - self.start, "last": self.last}
 
     def log(self, m: dict):
         for k in ("tokens", "loss_tokens", "micro_steps"):
@@ -74,8 +89,8 @@ class MetricsLogger:
         steps = max(1, self.totals["steps"])
         summary = self.totals | {
             "wall_s": round(wall_s, 2), "tokens_per_s": self.totals["tokens"] / wall_s,
-            "final_loss": self.last["loss"] if self.totals["steps"] else None,
-            "peak_mem_gib": self.last["peak_mem_gib"] if self.totals["steps"] else 0,
+            "final_loss": self.last["loss"] if self.last else None,
+            "peak_mem_gib": self.last["peak_mem_gib"] if self.last else 0,
             "micro_steps_mean": self.totals["micro_steps"] / steps,
             "packing_efficiency_mean": self.packing_sum / steps, "rank_imbalance_max": self.imbalance} | extra
         if self.on:

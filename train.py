@@ -46,6 +46,8 @@ class TrainConfig:
     heldout_file: str = ""  # chat JSONL; after export, report greedy exact match on its last messages
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped early, run again to continue
+
 SECTIONS = {"data": tokenize_data.DataConfig, "model": model_setup.ModelConfig,
             "sharding": sharding.ShardingConfig, "sampler": sampler.SamplerConfig, "train": TrainConfig,
             "checkpoint": checkpoint.CheckpointConfig, "logging": logging_utils.LogConfig}
@@ -71,8 +73,6 @@ def _check_combinations(cfg: dict):
     """Settings that cannot work together, refused at start-up with what to change."""
     m, sh = cfg["model"], cfg["sharding"]
     problems = [
-        (cfg["checkpoint"].save_every_steps > 0, "checkpoint.save_every_steps: resumable checkpoints are not "
-         "implemented yet; set it to 0 (the final export to <output_dir>/hf is always written)"),
         (m.load_in_4bit and m.random_init, "model.load_in_4bit quantizes weights as they are read: set "
          "model.random_init: false and model.path to a directory with weights"),
         (m.load_in_4bit and not sh.lora_rank, "model.load_in_4bit: 4-bit weights cannot be trained; set "
@@ -86,6 +86,39 @@ def _check_combinations(cfg: dict):
     ]
     if msgs := [msg for bad, msg in problems if bad]:
         sys.exit("error: " + "\n       ".join(msgs))
+
+
+# A resumed run must go on training the same model on the same data in the same order; anything else may change
+# (and is printed). The data itself is compared through the token cache's fingerprint; DeepSpeed checkpoints are
+# its own format (fsdp2 and none read each other's).
+RESUME_MUST_MATCH = ("model.path", "model.random_init", "model.load_in_4bit", "sharding.lora_rank",
+                     "sharding.lora_target_modules", "sampler.batch_size", "train.seed")
+
+
+def _resume_point(out: Path, cfg: dict, cache: tokenize_data.TokenCache, d: sharding.Dist) -> tuple | None:
+    """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint cannot continue
+    this run. Prints every setting that changed since it was saved."""
+    try:
+        found = checkpoint.find(out, cfg["checkpoint"])
+    except checkpoint.ResumeError as e:
+        sys.exit(f"error: {e}")
+    if not found:
+        return None
+    path, state = found
+    flat = lambda c: {f"{s}.{k}": v for s, kv in c.items() for k, v in kv.items()}  # noqa: E731
+    old, new = flat(state["config"]), flat(config.to_dict(cfg))
+    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    bad = [f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()
+           if k in RESUME_MUST_MATCH or (k == "sharding.strategy" and "deepspeed" in (a, b))]
+    if state["data"] != cache.path.name:
+        bad.append(f"data: the token cache differs ({state['data']} in the checkpoint, {cache.path.name} now): "
+                   "other data.train_files (paths or content), data.max_seq_len or tokenizer")
+    if bad:
+        sys.exit(f"error: cannot resume from {path}:\n  " + "\n  ".join(bad) + "\n  set them back, or set "
+                 "checkpoint.resume: never to start afresh")
+    print0(f"resuming from {path} at step {state['step']} (saved by {state['world_size']} rank(s))"
+           + "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), rank=d.rank)
+    return path, state
 
 
 def _token_cache(cfg: dict, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
@@ -127,6 +160,8 @@ def main(argv: list[str]):
     print0(f"{len(cache)} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps per epoch; "
            f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
 
+    resume = _resume_point(out, cfg, cache, d)
+
     # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
     # (4-bit weights are read by every rank: they are a quarter of the size, and quantized as they are read)
     from_rank0 = cfg["sharding"].strategy == "fsdp2" and not cfg["model"].load_in_4bit
@@ -135,9 +170,15 @@ def main(argv: list[str]):
     optimizer = build_optimizer(model, tc)
     if cfg["sharding"].strategy == "deepspeed":
         model, optimizer = sharding.wrap_deepspeed(model, optimizer, cfg["sharding"], tc.max_grad_norm)
-    log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps)
+    state = {"step": 0}
+    if resume:
+        checkpoint.load(resume[0], model, optimizer, d.rank)
+        state = resume[1]
+        plan.load_state_dict(state["sampler"])
+    log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps, state.get("metrics"))
+    caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
 
-    for step in range(total_steps):
+    for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
         epoch, k = divmod(step, plan.steps_per_epoch)
         lr = lr_at(step, total_steps, tc)
@@ -155,10 +196,13 @@ def main(argv: list[str]):
             sharding.backward(model, micro_loss * (d.world_size / max(n_step, 1)), j == len(micro_batches) - 1)
             loss_sum += micro_loss.detach()
         sharding.reduce_gradients(model, cfg["sharding"], d)
+        # one collective for the step's loss and for whether any rank was asked to stop
+        loss_and_stop = torch.stack([loss_sum, torch.tensor(float(bool(caught)), device=d.device)])
         if d.world_size > 1:
-            dist.all_reduce(loss_sum)
-        # Host syncs, meant: the loss and the gradient norm, global, so every rank takes the same decision.
-        loss = loss_sum.item() / max(n_step, 1)
+            dist.all_reduce(loss_and_stop)
+        # Host syncs, meant: the loss, the stop flag and the gradient norm, global, so all ranks decide alike.
+        loss_sum, stop = loss_and_stop.tolist()
+        loss = loss_sum / max(n_step, 1)
         grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         plan.epoch, plan.step = divmod(step + 1, plan.steps_per_epoch)
@@ -170,6 +214,17 @@ def main(argv: list[str]):
                  "peak_mem_gib": logging_utils.peak_mem_gib(d.device), "finite": finite} | stats)
         if not finite:
             print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
+
+        last_step, every = step + 1 == total_steps, cfg["checkpoint"].save_every_steps
+        if last_step or stop or (every and (step + 1) % every == 0):
+            trainer_state = {"step": step + 1, "sampler": plan.state_dict(), "metrics": log.state_dict(),
+                             "data": cache.path.name, "world_size": d.world_size}
+            path = checkpoint.save(out, step + 1, model, optimizer, trainer_state, config.dump(cfg),
+                                   cfg["checkpoint"], d.rank)
+        if stop and not last_step:
+            print0(f"stopped at step {step + 1} of {total_steps} ({caught.get('signal', 'another rank was signalled')})"
+                   f"; saved {path}; run the same command again to resume", rank=d.rank)
+            sys.exit(PREEMPTED_EXIT_CODE)
 
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank)
     extra = {"samples_dropped": cache.meta["dropped"], "export": str(hf_dir)}

@@ -27,6 +27,7 @@ VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single pr
     **{f"zero{z}{lora}": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": z} | (LORA if lora else {}))
        for z in (1, 2, 3) for lora in ("", "_lora")},
 }
+VARIANTS["zero3_lora"][1]["checkpoint.save_every_steps"] = 2  # resumed in test_resume_keeps_frozen_weights_out
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def qlora(runs):
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "data/quickstart/model")).save_pretrained(base)
     AutoTokenizer.from_pretrained(ROOT / "data/quickstart/model").save_pretrained(base)
     over = LORA | {"model.path": str(base), "model.random_init": "false", "model.load_in_4bit": "true",
-                   "train.lr": 1e-2, "train.max_steps": 6}
+                   "train.lr": 1e-2, "train.max_steps": 6, "checkpoint.save_every_steps": 3}
     data = str(runs / "data.jsonl")
     torchrun(0, args(runs, data, "qlora_single", over) + ["--train.max_steps=6"])
     torchrun(2, args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"}) + ["--train.max_steps=6"])
@@ -165,6 +166,21 @@ def test_qlora_trains_adapters_only_and_exports(qlora, name):
     ids = torch.arange(3, 40)[None]
     with torch.no_grad():  # merged into the 16-bit base, not into dequantized 4-bit weights
         torch.testing.assert_close(with_adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name,nproc,step,over", [
+    ("zero3_lora", 2, 4, VARIANTS["zero3_lora"][1]),
+    ("qlora_fsdp2", 2, 3, {"sharding.strategy": "fsdp2"} | LORA | {"model.load_in_4bit": "true", "train.lr": 1e-2,
+                                                                  "train.max_steps": 6, "model.random_init": "false"})])
+def test_resume_keeps_frozen_weights_out(qlora, name, nproc, step, over):
+    """LoRA checkpoints hold the adapters and their optimizer state only (the frozen base is rebuilt from
+    model.path or the seed), in DeepSpeed's format or in DCP's around 4-bit weights; resuming is bit-identical."""
+    ckpt = qlora / name / f"checkpoints/step-{step}"
+    size_mib = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
+    assert size_mib < 2  # the full model with AdamW state is ~10 MiB
+    over = over | {"checkpoint.resume": ckpt} | ({"model.path": str(qlora / "qbase")} if name == "qlora_fsdp2" else {})
+    torchrun(nproc, args(qlora, str(qlora / "data.jsonl"), name + "_resumed", over))
+    assert [m["loss"] for m in metrics(qlora / f"{name}_resumed")] == [m["loss"] for m in metrics(qlora / name)][step:]
 
 
 @pytest.mark.parametrize("over,message", [

@@ -1,0 +1,172 @@
+"""Checkpoints against the run that was never interrupted: killed (kill -9), stopped (SIGTERM, SIGUSR1) or
+crashed in the middle of a save, a run resumes to bit-identical losses and weights; on another world size it
+continues the same data order. Exports reload with the logits of the model in memory. Faults are injected by
+tests/faults.py."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import checkpoint
+import model_setup
+import sharding
+from conftest import QS_MODEL, ROOT, metrics, run_args, torchrun, write_jsonl
+
+FSDP2 = {"sharding.strategy": "fsdp2", "train.max_steps": 10, "checkpoint.save_every_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    write_jsonl(tmp / "data.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:192])
+    return tmp
+
+
+def args(tmp, name, **over):
+    return run_args(tmp, str(tmp / "data.jsonl"), **FSDP2 | {"train.output_dir": str(tmp / name)} | over)
+
+
+@pytest.fixture(scope="module")
+def ref(tmp):
+    """2 ranks, FSDP2, 10 steps, uninterrupted; checkpoints at steps 5 and 10."""
+    torchrun(2, args(tmp, "ref"))
+    return tmp / "ref"
+
+
+def with_fault(nproc: int, args: list[str], fault: str, rank: int | None = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "FAULT": fault} | ({"FAULT_RANK": str(rank)} if rank is not None else {})
+    p = subprocess.run(launcher + ["tests/faults.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert p.returncode != 0, p.stdout[-2000:]
+    return p
+
+
+def latest(run) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def losses(run) -> list[float]:
+    return [m["loss"] for m in metrics(run)]
+
+
+def weights(run):
+    return load_file(str(run / "hf" / "model.safetensors"))
+
+
+def test_kill9_and_sigterm_then_resume_is_bit_identical(tmp, ref):
+    run = tmp / "run"
+    with_fault(2, args(tmp, "run"), "sharding.clip_and_step:7:kill")  # both ranks die during step 7
+    assert latest(run) == "step-5" and [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
+    # resumed at step 5; in step 7 torchrun gets SIGTERM (as from a scheduler) and forwards it to both ranks
+    p = with_fault(2, args(tmp, "run"), "sharding.clip_and_step:2:term-parent", rank=0)
+    stopped = int(latest(run).removeprefix("step-"))
+    assert 7 <= stopped < 10 and f"stopped at step {stopped} of 10 (SIGTERM)" in p.stdout
+    assert len(metrics(run)) == stopped and not (run / "hf").exists()
+    torchrun(2, args(tmp, "run"))
+    assert [m["step"] for m in metrics(run)] == list(range(1, 11))
+    assert losses(run) == losses(ref)  # bit-identical on CPU
+    w, w_ref = weights(run), weights(ref)
+    assert all(torch.equal(w[k], w_ref[k]) for k in w_ref)
+
+
+def test_resume_on_another_world_size_continues_the_same_data_order(tmp, ref):
+    """2 ranks -> 1 rank (from step 5, saving every 2 steps) -> 2 ranks (from step 8); rank 1 alone gets SIGUSR1
+    in step 9, and both ranks stop after it."""
+    p = torchrun(1, args(tmp, "one", **{"checkpoint.resume": ref / "checkpoints/step-5",
+                                        "checkpoint.save_every_steps": 2}))
+    assert "resuming from" in p.stdout and "changed: train.output_dir" in p.stdout
+    one = metrics(tmp / "one")
+    assert [m["step"] for m in one] == [6, 7, 8, 9, 10]
+    assert sorted(os.listdir(tmp / "one/checkpoints")) == ["latest", "step-10", "step-8"]  # keep_last: 2
+    p = with_fault(2, args(tmp, "two", **{"checkpoint.resume": tmp / "one/checkpoints/step-8"}),
+                   "sampler.collate:1:usr1", rank=1)
+    assert "stopped at step 9 of 10 (another rank was signalled)" in p.stdout and latest(tmp / "two") == "step-9"
+    two = metrics(tmp / "two")
+    assert [m["step"] for m in two] == [9]
+    expected = losses(ref)
+    for m in one + two:  # another reduction order: equal to fp32 rounding
+        assert m["loss"] == pytest.approx(expected[m["step"] - 1], abs=1e-5)
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp):
+    """One process, checkpoints every 3 steps: killed between the files of the step-6 save, then after the step-9
+    save was renamed but before `latest` named it; each resume continues from the previous checkpoint."""
+    a = args(tmp, "crash", **{"sharding.strategy": "none", "checkpoint.save_every_steps": 3})
+    run = tmp / "crash"
+    with_fault(0, a, "checkpoint._rng_state:2:kill")
+    assert latest(run) == "step-3" and (run / "checkpoints/step-6.tmp/dcp").is_dir()
+    first = losses(run)
+    assert len(first) == 6
+    with_fault(0, a, "checkpoint._write_latest:2:kill")
+    assert latest(run) == "step-6" and (run / "checkpoints/step-9/trainer_state.json").exists()
+    second = losses(run)
+    assert len(second) == 9 and second[:6] == first
+    torchrun(0, a)
+    assert losses(run)[:9] == second and len(losses(run)) == 10
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-10", "step-9"]  # no leftover step-6.tmp
+
+
+def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step-{step}").mkdir()
+    (tmp_path / "step-10.tmp").mkdir()
+    checkpoint._write_latest(tmp_path, "step-4")  # e.g. step-6 and -8 are left from a crashed run
+    checkpoint._rotate(tmp_path, keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-10.tmp", "step-4", "step-8"]
+
+
+def test_bad_resume_settings_are_refused_with_the_fix(tmp, ref):
+    p = subprocess.run([sys.executable, "train.py", *args(tmp, "bad", **{
+        "checkpoint.resume": ref / "checkpoints/step-5", "sampler.batch_size": 16, "data.max_seq_len": 300,
+        "sharding.strategy": "none"})], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "sampler.batch_size: 32 in the checkpoint, 16 now" in p.stderr and "token cache differs" in p.stderr
+    assert "checkpoint.resume: never" in p.stderr
+    p = subprocess.run([sys.executable, "train.py", *args(tmp, "bad", **{"checkpoint.resume": tmp / "nowhere",
+                                                                          "sharding.strategy": "none"})],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert "checkpoint.resume:" in p.stderr and "not a complete checkpoint" in p.stderr
+
+
+def in_memory_logits(model, ids):
+    """The packed model's logits for one sample, through its own attention."""
+    cu = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
+    kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": ids.shape[1], "max_length_k": ids.shape[1]}
+    return model.lm(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], **kw).logits
+
+
+@torch.no_grad()
+def test_exports_reload_with_the_logits_of_the_model_in_memory(tmp_path):
+    """Full model (sharded safetensors with an index) and LoRA (adapter + merged/), fp32, one process."""
+    cfg = model_setup.ModelConfig(path=QS_MODEL, random_init=True, dtype="float32")
+    ids = torch.arange(3, 60)[None]
+    torch.manual_seed(0)
+    model = model_setup.load_model(cfg, torch.device("cpu"))
+    checkpoint.export_hf(model, model_setup.load_tokenizer(cfg), tmp_path / "full", 0, max_shard_size="200KB")
+    hf = tmp_path / "full/hf"
+    assert (hf / "model.safetensors.index.json").exists() and len(list(hf.glob("model-*.safetensors"))) > 1
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(hf)(ids).logits, in_memory_logits(model, ids),
+                               atol=1e-5, rtol=0)
+
+    torch.manual_seed(0)
+    model = model_setup.load_model(cfg, torch.device("cpu"))
+    base_state = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    lora = sharding.ShardingConfig(strategy="none", lora_rank=4, lora_alpha=8.0)
+    model = sharding.shard_model(model, lora, sharding.Dist(0, 0, 1, torch.device("cpu")))
+    for name, p in model.named_parameters():  # trained-looking adapters (peft initializes lora_B to zero)
+        if "lora_B" in name:
+            p.normal_(0, 0.1)
+    checkpoint.export_hf(model, model_setup.load_tokenizer(cfg), tmp_path / "lora", 0)
+    hf, expected = tmp_path / "lora/hf", in_memory_logits(model, ids)
+    merged = AutoModelForCausalLM.from_pretrained(hf / "merged")
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)
+    base = AutoModelForCausalLM.from_config(merged.config)
+    base.load_state_dict(base_state)
+    torch.testing.assert_close(PeftModel.from_pretrained(base, hf)(ids).logits, expected, atol=1e-5, rtol=0)
