@@ -1,6 +1,8 @@
-"""Logging and monitoring, all on rank 0: console lines, a tqdm progress bar, `metrics.jsonl` (one object per
-optimizer step), `summary.json` at the end, and greedy exact-match accuracy of an exported model on held-out chats.
+"""Logging and monitoring, all on rank 0: `metrics.jsonl` (one object per optimizer step), console lines, a tqdm
+progress bar, optional TensorBoard and Weights & Biases, `summary.json` and the plot `metrics.png` at the end, and
+greedy exact-match accuracy of an exported model on held-out chats.
 
+    python logging_utils.py plot <output_dir> [<output_dir> ...] [--out FILE.png]   # redraw, or overlay runs
     python logging_utils.py exact-match <hf_dir> <heldout.jsonl>
 """
 
@@ -12,12 +14,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 
 @dataclass
 class LogConfig:
     log_every_steps: int = 10  # console line every N steps (metrics.jsonl gets every step)
+    tensorboard: bool = False  # also write TensorBoard events to <output_dir>/tensorboard (tensorboard extra)
+    wandb_project: str = ""  # also log to this Weights & Biases project (wandb extra); with WANDB_MODE=offline it
+    #   writes to <output_dir>/wandb without a network, for `wandb sync` later
+    peak_tflops: float = 0.0  # one device's peak dense bf16 TFLOP/s, for MFU; 0 = look the GPU up in PEAK_TFLOPS
+    #   (on CPU and unknown GPUs MFU is null; achieved TFLOP/s is always reported)
+
+
+# Dense (no sparsity) bf16 tensor-core peak of one device, TFLOP/s, from the vendors' datasheets. Matched as a
+# substring of torch.cuda.get_device_name(), in this order (so "H100 PCIe" before "H100", "L40S" before "L4").
+PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+               "L4": 121.0, "MI300X": 1307.0}
 
 
 def print0(*args, rank: int = 0, **kwargs):
@@ -25,79 +40,195 @@ def print0(*args, rank: int = 0, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def peak_mem_gib(device: torch.device) -> float:
-    """CUDA: peak allocated memory; CPU: peak resident set size of this process."""
+def flop_counter(model: nn.Module):
+    """Returns step_flops(lengths): the model FLOPs of forward + backward over samples of these token lengths
+    (PaLM's accounting, arXiv:2204.02311 appendix B; recomputation is not counted). `model` is
+    model_setup.PackedCausalLM, before DeepSpeed wraps it. Every linear weight (the output layer included, tied
+    or not; the input embedding is a lookup) costs 2 FLOPs per token forward and 4 backward, or 2 backward when
+    frozen (LoRA's base: no weight gradient). Causal attention costs 6 * layers * heads * head_dim * L^2 for a
+    sample of L tokens (QK^T and AV over half of the L x L scores, forward and 2x backward), from each sample's
+    own length, not the packed row's."""
+    trained = frozen = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):  # also bitsandbytes' Linear4bit and peft's base_layer, lora_A, lora_B
+            n = m.in_features * m.out_features
+            trained, frozen = (trained + n, frozen) if m.weight.requires_grad else (trained, frozen + n)
+    c = model.lm.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attn = 6 * c.num_hidden_layers * c.num_attention_heads * head_dim
+
+    def step_flops(lengths) -> float:
+        lengths = np.asarray(lengths, dtype=np.float64)
+        return (6 * trained + 4 * frozen) * lengths.sum() + attn * (lengths**2).sum()
+
+    return step_flops
+
+
+def _peak_tflops(cfg: LogConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops or device.type != "cuda":
+        return cfg.peak_tflops or None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _memory(device: torch.device) -> dict:
+    """CUDA: peak allocated and reserved memory of this rank; CPU: peak resident set size of this process."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl and summary.json and drives the progress bar; does nothing off rank 0. `resume` is a
-    `state_dict()` saved in a checkpoint: counters continue from it, and metrics.jsonl keeps only the steps up to
-    it (later lines were written by the run that died, and those steps are trained again)."""
+    """Every rank keeps the counters; only rank 0 writes (metrics.jsonl, console, tqdm, TensorBoard, W&B,
+    summary.json, metrics.png). `resume` is a `state_dict()` saved in a checkpoint: counters continue from it,
+    and metrics.jsonl keeps only the steps up to it (later lines were written by the run that died, and those
+    steps are trained again)."""
 
-    def __init__(self, output_dir: Path, cfg: LogConfig, rank: int, total_steps: int, resume: dict | None = None):
-        resume = resume or {"totals": dict.fromkeys(["steps", "tokens", "loss_tokens", "micro_steps",
-                                                     "nonfinite_steps"], 0),
-                             "packing_sum": 0.0, "imbalance": 0.0, "elapsed_s": 0.0, "last": None}
-        self.cfg, self.on, self.last = cfg, rank == 0, resume["last"]
-        self.totals, self.packing_sum, self.imbalance = dict(resume["totals"]), resume["packing_sum"], resume["imbalance"]
+    def __init__(self, output_dir: Path, cfg: LogConfig, total_steps: int, rank: int, world_size: int,
+                 device: torch.device, run_config: dict | None = None, resume: dict | None = None):
+        counters = ["steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps", "flops",
+                    "train_s", "packing_sum", "imbalance_max"]
+        resume = resume or {"totals": dict.fromkeys(counters, 0), "elapsed_s": 0.0, "last": None, "wandb_id": None}
+        self.totals, self.last, self.wandb_id = dict(resume["totals"]), resume["last"], resume["wandb_id"]
+        self.cfg, self.on, self.world_size, self.device = cfg, rank == 0, world_size, device
+        self.peak_tflops, self.output_dir = _peak_tflops(cfg, device), Path(output_dir)
         self.start = time.perf_counter() - resume["elapsed_s"]
-        if self.on:
-            from tqdm import tqdm
-
-            output_dir.mkdir(parents=True, exist_ok=True)
-            path, done = output_dir / "metrics.jsonl", self.totals["steps"]
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if json.loads(line)["step"] <= done] if done and path.exists() else []
-            path.with_suffix(".tmp").write_text("".join(kept))
-            os.replace(path.with_suffix(".tmp"), path)
-            self.file = open(path, "a")
-            # redraw at most every 30 s when the output is a log file rather than a terminal
-            self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step", dynamic_ncols=True,
-                            mininterval=0.1 if sys.stderr.isatty() else 30)
-            self.summary_path = output_dir / "summary.json"
-
-    def state_dict(self) -> dict:
-        return {"totals": self.totals, "packing_sum": self.packing_sum, "imbalance": self.imbalance,
-                "elapsed_s": time.perf_counter() - self.start, "last": self.last}
-
-    def log(self, m: dict):
-        for k in ("tokens", "loss_tokens", "micro_steps"):
-            self.totals[k] += m[k]
-        self.totals["steps"] += 1
-        self.totals["nonfinite_steps"] += not m["finite"]
-        self.packing_sum += m["packing_efficiency"]
-        self.imbalance = max(self.imbalance, m["rank_imbalance"])
-        self.last = m
+        self.tb = self.wandb = None
         if not self.on:
             return
-        m = m | {"elapsed_s": round(time.perf_counter() - self.start, 3)}
+        from tqdm import tqdm
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path, done = self.output_dir / "metrics.jsonl", self.totals["steps"]
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if json.loads(line)["step"] <= done] if done and path.exists() else []
+        path.with_suffix(".tmp").write_text("".join(kept))
+        os.replace(path.with_suffix(".tmp"), path)
+        self.file = open(path, "a")
+        # redraw at most every 30 s when the output is a log file rather than a terminal
+        self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("logging.tensorboard needs the tensorboard extra: pip install -e '.[tensorboard]'")
+            self.tb = SummaryWriter(self.output_dir / "tensorboard", purge_step=done + 1 if done else None)
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("logging.wandb_project needs the wandb extra: pip install -e '.[wandb]'")
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=self.output_dir, config=run_config,
+                                    name=self.output_dir.name, id=self.wandb_id, resume="allow")
+            self.wandb_id = self.wandb.id
+
+    def state_dict(self) -> dict:
+        return {"totals": self.totals, "elapsed_s": time.perf_counter() - self.start, "last": self.last,
+                "wandb_id": self.wandb_id}
+
+    def log(self, m: dict):
+        """`m`: step, epoch, loss, lr, grad_norm, samples, tokens, loss_tokens, micro_steps, packing_efficiency,
+        rank_imbalance, flops, step_time_s, data_wait_s, finite, and eval_loss after an evaluation."""
+        t, tot = m["step_time_s"], self.totals
+        for k in ("samples", "tokens", "loss_tokens", "micro_steps", "flops"):
+            tot[k] += m[k]
+        tot["steps"] += 1
+        tot["train_s"] += t
+        tot["nonfinite_steps"] += not m["finite"]
+        tot["packing_sum"] += m["packing_efficiency"]
+        tot["imbalance_max"] = max(tot["imbalance_max"], m["rank_imbalance"])
+        tflops = m["flops"] / t / self.world_size / 1e12
+        m = {k: v for k, v in m.items() if k != "flops"} | {
+            "compute_s": t - m["data_wait_s"], "tokens_per_s": m["tokens"] / t, "samples_per_s": m["samples"] / t,
+            "loss_tokens_per_s": m["loss_tokens"] / t, "tflops": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "nonfinite_steps": tot["nonfinite_steps"]} | _memory(self.device)
+        m["elapsed_s"] = round(time.perf_counter() - self.start, 3)
+        self.last = m
+        if "eval_loss" in m:
+            tot["final_eval_loss"] = m["eval_loss"]
+            tot["best_eval_loss"] = min(m["eval_loss"], tot.get("best_eval_loss", float("inf")))
+        if not self.on:
+            return
         self.file.write(json.dumps(m) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, m["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=m["step"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
-        if m["step"] % self.cfg.log_every_steps == 0:
-            self.bar.write(f"step {m['step']} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad_norm "
-                           f"{m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s | packing "
-                           f"{m['packing_efficiency']:.2f} | imbalance {m['rank_imbalance']:.3f} | "
-                           f"{m['peak_mem_gib']:.2f} GiB")
+        if m["step"] % self.cfg.log_every_steps == 0 or "eval_loss" in m:
+            speed = f"MFU {m['mfu']:.1%}" if m["mfu"] is not None else f"{tflops:.3f} TFLOP/s"
+            self.bar.write(f"step {m['step']} | loss {m['loss']:.4f}"
+                           + (f" | eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
+                           + f" | lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s"
+                           f" | {speed} | data wait {m['data_wait_s'] / t:.0%} | packing "
+                           f"{m['packing_efficiency']:.2f} | {m['peak_mem_gib']:.2f} GiB")
 
     def close(self, extra: dict) -> dict:
-        wall_s = time.perf_counter() - self.start
-        steps = max(1, self.totals["steps"])
-        summary = self.totals | {
-            "wall_s": round(wall_s, 2), "tokens_per_s": self.totals["tokens"] / wall_s,
-            "final_loss": self.last["loss"] if self.last else None,
-            "peak_mem_gib": self.last["peak_mem_gib"] if self.last else 0,
-            "micro_steps_mean": self.totals["micro_steps"] / steps,
-            "packing_efficiency_mean": self.packing_sum / steps, "rank_imbalance_max": self.imbalance} | extra
+        """Writes summary.json and metrics.png (with matplotlib; the plot extra) and returns the summary."""
+        tot, last = self.totals, self.last or {}
+        steps, train_s = max(1, tot["steps"]), max(tot["train_s"], 1e-9)
+        tflops = tot["flops"] / train_s / self.world_size / 1e12
+        summary = {k: tot[k] for k in ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")} | {
+            "wall_s": round(time.perf_counter() - self.start, 2), "train_s": round(train_s, 2),
+            "tokens_per_s": tot["tokens"] / train_s, "tflops": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "final_loss": last.get("loss"), "final_eval_loss": tot.get("final_eval_loss"),
+            "best_eval_loss": tot.get("best_eval_loss"), "peak_mem_gib": last.get("peak_mem_gib"),
+            "peak_reserved_gib": last.get("peak_reserved_gib"), "micro_steps_mean": tot["micro_steps"] / steps,
+            "packing_efficiency_mean": tot["packing_sum"] / steps, "rank_imbalance_max": tot["imbalance_max"]} | extra
         if self.on:
             self.bar.close()
             self.file.close()
-            self.summary_path.write_text(json.dumps(summary, indent=1))
+            if self.tb:
+                self.tb.close()
+            if self.wandb:
+                self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+                self.wandb.finish()
+            try:
+                plot([self.output_dir], self.output_dir / "metrics.png")
+                summary["plot"] = str(self.output_dir / "metrics.png")
+            except ImportError as e:
+                summary["plot"] = None
+                print0(f"no metrics.png: {e}")
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+
+PANELS = {"loss": "loss (nats/token)", "lr": "learning rate", "tokens_per_s": "tokens/s", "grad_norm": "gradient norm"}
+
+
+def plot(run_dirs: list, out: Path):
+    """Loss (eval loss as points), learning rate, tokens/s and gradient norm against step, one colour per run,
+    from each run's metrics.jsonl; writes the PNG `out` and returns the matplotlib Figure."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: nothing global to open or close
+    except ImportError:
+        raise ImportError("plots need the plot extra: pip install -e '.[plot]'") from None
+    fig = Figure(figsize=(12, 7), layout="tight")
+    axes = fig.subplots(2, 2, sharex=True)
+    for i, run in enumerate(run_dirs):
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+        steps, colour = [r["step"] for r in rows], f"C{i}"
+        for ax, key in zip(axes.flat, PANELS):
+            ax.plot(steps, [r[key] for r in rows], color=colour, lw=1, label=str(run))
+        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if evals:
+            axes[0, 0].plot(*zip(*evals), "o--", color=colour, ms=4, label=f"{run} (eval)")
+    for ax, title in zip(axes.flat, PANELS.values()):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.savefig(out, dpi=100)
+    return fig
 
 
 @torch.no_grad()
@@ -123,6 +254,14 @@ def exact_match(hf_dir: str, heldout_file: str, batch_size: int = 64) -> float:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "exact-match":
+    cmd, args = sys.argv[1:2], sys.argv[2:]
+    if cmd == ["plot"] and args:
+        out = Path(args.pop(args.index("--out") + 1)) if "--out" in args else None
+        runs = [a for a in args if a != "--out"]
+        out = out or (Path(runs[0]) / "metrics.png" if len(runs) == 1 else Path("compare.png"))
+        plot(runs, out)
+        print(out)
+    elif cmd == ["exact-match"] and len(args) == 2:
+        print(json.dumps({"exact_match": exact_match(*args)}))
+    else:
         sys.exit(__doc__)
-    print(json.dumps({"exact_match": exact_match(sys.argv[2], sys.argv[3])}))

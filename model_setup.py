@@ -139,6 +139,8 @@ def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Ten
     target, targets (S,) -> (sum of the S token losses, S). Logits exist for one chunk of `chunk` positions at a
     time, and only for supervised positions."""
     h = hidden.index_select(0, loss_idx)  # (S, H)
+    if not torch.is_grad_enabled():  # evaluation: tell the function that no gradient is needed
+        h, weight = h.detach(), weight.detach()
     return _LinearCrossEntropy.apply(h, weight, targets, scale, softcap, chunk), targets.numel()
 
 

@@ -25,6 +25,7 @@ ROLES = ("system", "user", "assistant")
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)  # chat JSONL paths: {"messages": [{"role", "content"}]}
+    eval_files: list[str] = field(default_factory=list)  # chat JSONL for the eval loss (train.eval_every_steps)
     max_seq_len: int = 4096  # longest sample kept, in tokens; longer ones are dropped and counted
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
     num_proc: int = 1  # tokenizer processes; >1 helps on large files
@@ -127,14 +128,14 @@ def _tokenize_file(args):
     return out
 
 
-def build_cache(files: list[str], tokenizer, cfg: DataConfig) -> Path:
+def build_cache(files: list[str], tokenizer, cfg: DataConfig, key: str = "data.train_files") -> Path:
     """Tokenizes `files` into the cache (once) and returns its directory. Writes to a temporary directory and
     renames it, so a crash never leaves a half-written cache behind."""
     if not files:
-        raise DataError("no input files: set data.train_files to a list of chat JSONL paths")
+        raise DataError(f"no input files: set {key} to a list of chat JSONL paths")
     for path in files:
         if not Path(path).is_file():
-            raise DataError(f"{path}: no such file (listed in data.train_files)")
+            raise DataError(f"{path}: no such file (listed in {key})")
     out = Path(cfg.cache_dir) / _fingerprint(files, tokenizer, cfg)
     if (out / "meta.json").exists():
         return out

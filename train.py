@@ -43,6 +43,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay (beta1 = 0.9)
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     seed: int = 42  # model init, data order and every other random choice
+    eval_every_steps: int = 0  # eval loss on data.eval_files every N steps; it is always computed at the end
     heldout_file: str = ""  # chat JSONL; after export, report greedy exact match on its last messages
 
 
@@ -95,6 +96,19 @@ RESUME_MUST_MATCH = ("model.path", "model.random_init", "model.load_in_4bit", "s
                      "sharding.lora_target_modules", "sampler.batch_size", "train.seed")
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batches: list, d: sharding.Dist) -> float:
+    """Token-weighted loss over the whole eval set: sum of its token losses / its supervised tokens."""
+    model.eval()
+    loss_sum = torch.zeros((), device=d.device)
+    for mb in micro_batches:
+        loss_sum += model(**sampler.collate([cache[i] for i in mb], d.device))[0]
+    model.train()
+    if d.world_size > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / max(int(cache.loss_tokens.sum()), 1)  # host sync, meant: once per evaluation
+
+
 def _resume_point(out: Path, cfg: dict, cache: tokenize_data.TokenCache, d: sharding.Dist) -> tuple | None:
     """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint cannot continue
     this run. Prints every setting that changed since it was saved."""
@@ -121,12 +135,13 @@ def _resume_point(out: Path, cfg: dict, cache: tokenize_data.TokenCache, d: shar
     return path, state
 
 
-def _token_cache(cfg: dict, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
-    """Rank 0 tokenizes (or finds the cache); the others wait, then all memory-map it."""
+def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
+    """The cache of the files listed under `key`. Rank 0 tokenizes (or finds the cache); the others wait, then
+    all memory-map it."""
     path = None
     if d.rank == 0:
         try:
-            path = tokenize_data.build_cache(cfg["data"].train_files, tokenizer, cfg["data"])
+            path = tokenize_data.build_cache(getattr(cfg, key), tokenizer, cfg, f"data.{key}")
         except tokenize_data.DataError as e:
             path = e
     if d.world_size > 1:
@@ -153,7 +168,8 @@ def main(argv: list[str]):
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
     tokenizer = model_setup.load_tokenizer(cfg["model"])
-    cache = _token_cache(cfg, tokenizer, d)
+    cache = _token_cache(cfg["data"], "train_files", tokenizer, d)
+    eval_cache = _token_cache(cfg["data"], "eval_files", tokenizer, d) if cfg["data"].eval_files else None
     plan = sampler.MultipackPlan(cache.lengths, cfg["sampler"], d.world_size, d.rank, tc.seed)
     total_steps = tc.max_steps or tc.epochs * plan.steps_per_epoch
     cap = cfg["sampler"].max_tokens_per_rank
@@ -168,14 +184,23 @@ def main(argv: list[str]):
     model = model_setup.load_model(cfg["model"], d.device, on_meta=from_rank0 and d.rank != 0)
     model = sharding.shard_model(model, cfg["sharding"], d, from_rank0)
     optimizer = build_optimizer(model, tc)
+    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained", rank=d.rank)
+    step_flops = logging_utils.flop_counter(model)  # before DeepSpeed, which hides the shapes under ZeRO-3
     if cfg["sharding"].strategy == "deepspeed":
         model, optimizer = sharding.wrap_deepspeed(model, optimizer, cfg["sharding"], tc.max_grad_norm)
     state = {"step": 0}
     if resume:
+        t0 = time.perf_counter()
         checkpoint.load(resume[0], model, optimizer, d.rank)
+        print0(f"loaded {resume[0]} in {time.perf_counter() - t0:.1f}s", rank=d.rank)
         state = resume[1]
         plan.load_state_dict(state["sampler"])
-    log = logging_utils.MetricsLogger(out, cfg["logging"], d.rank, total_steps, state.get("metrics"))
+    log = logging_utils.MetricsLogger(out, cfg["logging"], total_steps, d.rank, d.world_size, d.device,
+                                      config.to_dict(cfg), state.get("metrics"))
+    if eval_cache:  # all eval samples in one "step": every rank runs the same number of forward passes
+        eval_plan = sampler.MultipackPlan(eval_cache.lengths, sampler.SamplerConfig(batch_size=len(eval_cache), max_tokens_per_rank=cap),
+                                          d.world_size, d.rank, tc.seed).plan(0, 0)[d.rank]
     caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
 
     for step in range(state["step"], total_steps):
@@ -186,10 +211,12 @@ def main(argv: list[str]):
             group["lr"] = lr
         step_plan = plan.plan(epoch, k)
         n_step = plan.loss_tokens(epoch, k, cache.loss_tokens)  # supervised targets, all ranks
-        loss_sum = torch.zeros((), device=d.device)
+        loss_sum, data_wait_s = torch.zeros((), device=d.device), 0.0
         micro_batches = step_plan[d.rank]
         for j, mb in enumerate(micro_batches):
+            t_data = time.perf_counter()
             batch = sampler.collate([cache[i] for i in mb], d.device)
+            data_wait_s += time.perf_counter() - t_data
             micro_loss, _ = model(**batch)
             # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
             # of sum(token losses of the step, all ranks) / n_step
@@ -207,15 +234,18 @@ def main(argv: list[str]):
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         plan.epoch, plan.step = divmod(step + 1, plan.steps_per_epoch)
 
-        stats = sampler.step_stats(step_plan, cache.lengths, cap)
         step_time_s = time.perf_counter() - t0
-        log.log({"step": step + 1, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                 "grad_norm": grad_norm, "loss_tokens": n_step, "tokens_per_s": stats["tokens"] / step_time_s,
-                 "peak_mem_gib": logging_utils.peak_mem_gib(d.device), "finite": finite} | stats)
-        if not finite:
-            print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
 
         last_step, every = step + 1 == total_steps, cfg["checkpoint"].save_every_steps
+        samples = plan.step_samples(epoch, k)
+        m = {"step": step + 1, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+             "grad_norm": grad_norm, "samples": len(samples), "loss_tokens": n_step, "finite": finite,
+             "flops": step_flops(cache.lengths[samples]), "step_time_s": step_time_s, "data_wait_s": data_wait_s}
+        if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
+            m["eval_loss"] = evaluate(model, eval_cache, eval_plan, d)
+        log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))
+        if not finite:
+            print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
         if last_step or stop or (every and (step + 1) % every == 0):
             trainer_state = {"step": step + 1, "sampler": plan.state_dict(), "metrics": log.state_dict(),
                              "data": cache.path.name, "world_size": d.world_size}
@@ -228,6 +258,8 @@ def main(argv: list[str]):
 
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank)
     extra = {"samples_dropped": cache.meta["dropped"], "export": str(hf_dir)}
+    if eval_cache:
+        extra["eval_samples_dropped"] = eval_cache.meta["dropped"]
     if tc.heldout_file and d.rank == 0:
         extra["heldout_exact_match"] = logging_utils.exact_match(str(hf_dir), tc.heldout_file)
         print0(f"held-out exact match: {extra['heldout_exact_match']:.1%} ({tc.heldout_file})")
