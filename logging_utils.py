@@ -221,9 +221,11 @@ def plot(run_dirs: list, out: Path):
         evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         if evals:
             axes[0, 0].plot(*zip(*evals), "o--", color=colour, ms=4, label=f"{run} (eval)")
-    for ax, title in zip(axes.flat, PANELS.values()):
+    for ax, (key, title) in zip(axes.flat, PANELS.items()):
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        if key in ("loss", "grad_norm"):  # they span orders of magnitude
+            ax.set_yscale("log")
     axes[0, 0].legend(fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("step")

@@ -44,6 +44,37 @@ def torchrun(nproc: int, args: list[str], *extra, timeout: int = 300) -> subproc
     return p
 
 
+LORA = {"sharding.lora_rank": 4, "sharding.lora_alpha": 8.0}
+VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single processes without sharding
+    "ref": (0, {}), "ref_lora": (0, LORA), "micro": (0, {"sampler.max_tokens_per_rank": 128}),
+    "replicated2": (2, {}), "fsdp2": (2, {"sharding.strategy": "fsdp2"}),
+    "fsdp2_hybrid": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"}),
+    "fsdp2_offload": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true"}),
+    "fsdp2_checkpointing": (2, {"sharding.strategy": "fsdp2", "model.gradient_checkpointing": "true"}),
+    "fsdp2_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.compute_dtype": "bfloat16"}),
+    "none_lora": (2, LORA), "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
+    "fsdp2_hybrid_lora": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"} | LORA),
+    **{f"zero{z}{lora}": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": z} | (LORA if lora else {}))
+       for z in (1, 2, 3) for lora in ("", "_lora")},
+}
+VARIANTS["zero3_lora"][1]["checkpoint.save_every_steps"] = 2  # resumed in test_resume_keeps_frozen_weights_out
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Five fp32 steps of every variant on the same 320 chats and seed (test_train.py, test_sharding.py)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    data = write_jsonl(tmp / "data.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:320])
+    for name, (nproc, over) in VARIANTS.items():
+        torchrun(nproc, strategy_args(tmp, data, name, over))
+    return tmp
+
+
+def strategy_args(tmp, data, name, over):
+    return run_args(tmp, data, **{"sharding.strategy": "none", "train.output_dir": str(tmp / name),
+                                  "train.max_steps": 5} | over)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

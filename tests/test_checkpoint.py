@@ -14,9 +14,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import checkpoint
+import config
 import model_setup
 import sharding
-from conftest import QS_MODEL, ROOT, metrics, run_args, torchrun, write_jsonl
+import tokenize_data
+import train
+from conftest import QS_CONFIG, QS_MODEL, ROOT, metrics, run_args, torchrun, write_jsonl
 
 FSDP2 = {"sharding.strategy": "fsdp2", "train.max_steps": 10, "checkpoint.save_every_steps": 5}
 
@@ -123,16 +126,21 @@ def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
 
 
 def test_bad_resume_settings_are_refused_with_the_fix(tmp, ref):
-    p = subprocess.run([sys.executable, "train.py", *args(tmp, "bad", **{
-        "checkpoint.resume": ref / "checkpoints/step-5", "sampler.batch_size": 16, "data.max_seq_len": 300,
-        "sharding.strategy": "none"})], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 1
-    assert "sampler.batch_size: 32 in the checkpoint, 16 now" in p.stderr and "token cache differs" in p.stderr
-    assert "checkpoint.resume: never" in p.stderr
-    p = subprocess.run([sys.executable, "train.py", *args(tmp, "bad", **{"checkpoint.resume": tmp / "nowhere",
-                                                                          "sharding.strategy": "none"})],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert "checkpoint.resume:" in p.stderr and "not a complete checkpoint" in p.stderr
+    """train.main checks the checkpoint's trainer state and config before it loads a model."""
+    def resume_point(**over):
+        cfg = config.load(QS_CONFIG, train.SECTIONS, args(tmp, "bad", **over)[2:])
+        cache = tokenize_data.TokenCache(tokenize_data.build_cache(
+            cfg["data"].train_files, model_setup.load_tokenizer(cfg["model"]), cfg["data"]))
+        with pytest.raises(SystemExit) as e:
+            train._resume_point(tmp / "bad", cfg, cache, sharding.Dist(0, 0, 1, torch.device("cpu")))
+        return str(e.value.code)
+
+    msg = resume_point(**{"checkpoint.resume": ref / "checkpoints/step-5", "sampler.batch_size": 16,
+                          "data.max_seq_len": 300, "sharding.strategy": "deepspeed"})
+    assert "sampler.batch_size: 32 in the checkpoint, 16 now" in msg and "token cache differs" in msg
+    assert "sharding.strategy: 'fsdp2' in the checkpoint, 'deepspeed' now" in msg
+    assert "checkpoint.resume: never" in msg
+    assert "not a complete checkpoint" in resume_point(**{"checkpoint.resume": tmp / "nowhere"})
 
 
 def in_memory_logits(model, ids):

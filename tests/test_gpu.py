@@ -25,3 +25,10 @@ def test_liger_loss_equals_chunked():
     liger, m = model_setup.compute_loss_liger(hidden, weight, idx, targets)
     assert n == m == 100
     torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-3)
+
+
+def test_mfu_peak_is_known_for_this_gpu():
+    """MFU needs the device's peak: the GPUs the project is benchmarked on must be in PEAK_TFLOPS."""
+    import logging_utils
+
+    assert logging_utils._peak_tflops(logging_utils.LogConfig(), torch.device("cuda")), torch.cuda.get_device_name()

@@ -1,6 +1,6 @@
 """Sharding strategies change memory and speed, not the mathematics: five steps of each strategy (none, FSDP2,
-hybrid, CPU offload, DeepSpeed ZeRO 1-3) x {full, LoRA}
-give the losses of the single-process run; a two-"node" run matches one node; only rank 0 reads weights."""
+hybrid, CPU offload, DeepSpeed ZeRO 1-3) x {full, LoRA} (the runs fixture, in conftest.py) give the losses of
+the single-process run; a two-"node" run matches one node; only rank 0 reads weights."""
 
 import json
 import os
@@ -13,36 +13,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, metrics, run_args, torchrun, write_jsonl
-
-LORA = {"sharding.lora_rank": 4, "sharding.lora_alpha": 8.0}
-VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single processes without sharding
-    "ref": (0, {}), "ref_lora": (0, LORA),
-    "fsdp2_hybrid": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"}),
-    "fsdp2_offload": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true"}),
-    "fsdp2_checkpointing": (2, {"sharding.strategy": "fsdp2", "model.gradient_checkpointing": "true"}),
-    "fsdp2_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.compute_dtype": "bfloat16"}),
-    "none_lora": (2, LORA), "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
-    "fsdp2_hybrid_lora": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"} | LORA),
-    **{f"zero{z}{lora}": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": z} | (LORA if lora else {}))
-       for z in (1, 2, 3) for lora in ("", "_lora")},
-}
-VARIANTS["zero3_lora"][1]["checkpoint.save_every_steps"] = 2  # resumed in test_resume_keeps_frozen_weights_out
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sharding")
-    data = write_jsonl(tmp / "data.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:320])
-    for name, (nproc, over) in VARIANTS.items():
-        torchrun(nproc, args(tmp, data, name, over))
-    return tmp
-
-
-def args(tmp, data, name, over):
-    return run_args(tmp, data, **{"sharding.strategy": "none", "train.output_dir": str(tmp / name),
-                                  "train.max_steps": 5} | over)
-
+import config
+import train
+from conftest import LORA, QS_CONFIG, ROOT, VARIANTS, metrics, run_args, strategy_args, torchrun
 
 def assert_same_losses(ref, got, rtol=1e-4):
     assert len(ref) == len(got) == 5
@@ -92,7 +65,7 @@ def free_port() -> int:
 def test_two_nodes_match_one(runs, tmp_path, hybrid):
     """Two torchrun launches (--nnodes=2, one rank each) rendezvous on localhost."""
     data = str(runs / "data.jsonl")
-    a = args(tmp_path, data, "two_nodes", {"sharding.strategy": "fsdp2", "sharding.hybrid": hybrid})
+    a = strategy_args(tmp_path, data, "two_nodes", {"sharding.strategy": "fsdp2", "sharding.hybrid": hybrid})
     port = free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
@@ -145,8 +118,8 @@ def qlora(runs):
     over = LORA | {"model.path": str(base), "model.random_init": "false", "model.load_in_4bit": "true",
                    "train.lr": 1e-2, "train.max_steps": 6, "checkpoint.save_every_steps": 3}
     data = str(runs / "data.jsonl")
-    torchrun(0, args(runs, data, "qlora_single", over) + ["--train.max_steps=6"])
-    torchrun(2, args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"}) + ["--train.max_steps=6"])
+    torchrun(0, strategy_args(runs, data, "qlora_single", over) + ["--train.max_steps=6"])
+    torchrun(2, strategy_args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"}) + ["--train.max_steps=6"])
     return runs
 
 
@@ -179,7 +152,7 @@ def test_resume_keeps_frozen_weights_out(qlora, name, nproc, step, over):
     size_mib = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
     assert size_mib < 2  # the full model with AdamW state is ~10 MiB
     over = over | {"checkpoint.resume": ckpt} | ({"model.path": str(qlora / "qbase")} if name == "qlora_fsdp2" else {})
-    torchrun(nproc, args(qlora, str(qlora / "data.jsonl"), name + "_resumed", over))
+    torchrun(nproc, strategy_args(qlora, str(qlora / "data.jsonl"), name + "_resumed", over))
     assert [m["loss"] for m in metrics(qlora / f"{name}_resumed")] == [m["loss"] for m in metrics(qlora / name)][step:]
 
 
@@ -191,6 +164,8 @@ def test_resume_keeps_frozen_weights_out(qlora, name, nproc, step, over):
      "model.load_in_4bit (QLoRA) does not work with DeepSpeed"),
 ])
 def test_rejected_combinations(tmp_path, small_data, over, message):
-    p = subprocess.run([sys.executable, "train.py", *run_args(tmp_path, small_data, **over)], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr
+    """train.main checks these first, before anything is loaded, and exits with the message (no traceback)."""
+    cfg = config.load(QS_CONFIG, train.SECTIONS, run_args(tmp_path, small_data, **over)[2:])
+    with pytest.raises(SystemExit) as e:
+        train._check_combinations(cfg)
+    assert message in str(e.value.code)

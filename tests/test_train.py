@@ -1,5 +1,5 @@
 """The loop against itself: 2 ranks (replicated and FSDP2) == 1 rank; many micro-steps == one; and an
-end-to-end torchrun run whose outputs are checked."""
+end-to-end torchrun run whose outputs are checked. The runs come from the `runs` fixture in conftest.py."""
 
 import json
 
@@ -8,24 +8,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, metrics, run_args, torchrun, write_jsonl
+from conftest import metrics, run_args, torchrun
 
 KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "loss_tokens", "tokens_per_s", "packing_efficiency",
         "elapsed_s", "peak_mem_gib", "micro_steps"}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Four 3-step fp32 runs on the same data and seed; only the distribution of the work differs."""
-    tmp = tmp_path_factory.mktemp("runs")
-    data = write_jsonl(tmp / "data.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:192])
-    variants = {"one": (0, {}), "micro": (0, {"sampler.max_tokens_per_rank": 128}),
-                "replicated2": (2, {}), "fsdp2": (2, {"sharding.strategy": "fsdp2"})}
-    out = {}
-    for name, (nproc, over) in variants.items():
-        args = run_args(tmp, data, **{"sharding.strategy": "none", "train.output_dir": str(tmp / name)} | over)
-        out[name] = torchrun(nproc, args)
-    return tmp
 
 
 def weights(run_dir):
@@ -34,8 +20,8 @@ def weights(run_dir):
 
 @pytest.mark.parametrize("name", ["micro", "replicated2", "fsdp2"])
 def test_same_losses_and_weights_as_one_rank_one_micro_step(runs, name):
-    ref, got = metrics(runs / "one"), metrics(runs / name)
-    assert len(ref) == len(got) == 3
+    ref, got = metrics(runs / "ref"), metrics(runs / name)  # one process, one micro-step per step
+    assert len(ref) == len(got) == 5
     if name == "micro":
         assert all(m["micro_steps"] > 4 for m in got) and all(m["micro_steps"] == 1 for m in ref)
     for a, b in zip(ref, got):
@@ -43,7 +29,7 @@ def test_same_losses_and_weights_as_one_rank_one_micro_step(runs, name):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5
     assert ref[0]["loss"] - ref[-1]["loss"] > 0.1  # the weights did move
-    w_ref, w_got = weights(runs / "one"), weights(runs / name)
+    w_ref, w_got = weights(runs / "ref"), weights(runs / name)
     assert w_ref.keys() == w_got.keys()
     for k in w_ref:
         assert (w_ref[k] - w_got[k]).abs().max() <= 1e-5, k
@@ -52,11 +38,11 @@ def test_same_losses_and_weights_as_one_rank_one_micro_step(runs, name):
 def test_end_to_end_outputs(runs):
     run = runs / "fsdp2"
     rows = metrics(run)
-    assert [m["step"] for m in rows] == [1, 2, 3]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
     assert all(KEYS <= m.keys() for m in rows)
     assert all(0 < m["packing_efficiency"] <= 1 and m["tokens_per_s"] > 0 for m in rows)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["tokens"] == sum(m["tokens"] for m in rows)
+    assert summary["steps"] == 5 and summary["tokens"] == sum(m["tokens"] for m in rows)
     assert summary["loss_tokens"] == sum(m["loss_tokens"] for m in rows)
     assert summary["samples_dropped"] == {"longer_than_max_seq_len": 0}
     assert "train:\n  output_dir:" in (run / "config.yaml").read_text()
