@@ -99,21 +99,41 @@ def test_resume_on_another_world_size_continues_the_same_data_order(tmp, ref):
 
 
 def test_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp):
-    """One process, checkpoints every 3 steps: killed between the files of the step-6 save, then after the step-9
-    save was renamed but before `latest` named it; each resume continues from the previous checkpoint."""
+    """One process, checkpoints every 3 steps, killed between the files of the step-6 save (the model and
+    optimizer shards are written, the RNG states and trainer state are not): the resume continues from step 3."""
     a = args(tmp, "crash", **{"sharding.strategy": "none", "checkpoint.save_every_steps": 3})
     run = tmp / "crash"
     with_fault(0, a, "checkpoint._rng_state:2:kill")
     assert latest(run) == "step-3" and (run / "checkpoints/step-6.tmp/dcp").is_dir()
     first = losses(run)
     assert len(first) == 6
-    with_fault(0, a, "checkpoint._write_latest:2:kill")
-    assert latest(run) == "step-6" and (run / "checkpoints/step-9/trainer_state.json").exists()
-    second = losses(run)
-    assert len(second) == 9 and second[:6] == first
     torchrun(0, a)
-    assert losses(run)[:9] == second and len(losses(run)) == 10
+    assert losses(run)[:6] == first and len(losses(run)) == 10
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-10", "step-9"]  # no leftover step-6.tmp
+
+
+def test_a_save_stopped_before_latest_is_updated_is_not_resumed(tmp_path, monkeypatch):
+    """Stopped after step-2 was renamed into place but before `latest` named it: resuming takes step-1, whole."""
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(3)).sum().backward()
+    optimizer.step()
+    saved = model.weight.detach().clone()
+    cfg = checkpoint.CheckpointConfig(keep_last=1)
+    checkpoint.save(tmp_path, 1, model, optimizer, {"step": 1}, "train: {}\n", cfg, 0)
+    optimizer.step()
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_write_latest", stop)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, model, optimizer, {"step": 2}, "train: {}\n", cfg, 0)
+    assert (tmp_path / "checkpoints/step-2/trainer_state.json").exists()
+    path, state = checkpoint.find(tmp_path, checkpoint.CheckpointConfig())
+    assert path.name == "step-1" and state["step"] == 1
+    checkpoint.load(path, model, optimizer, 0)
+    assert torch.equal(model.weight, saved) and optimizer.state[model.weight]["step"] == 1
 
 
 def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
