@@ -175,7 +175,8 @@ class MetricsLogger:
         tot, last = self.totals, self.last or {}
         steps, train_s = max(1, tot["steps"]), max(tot["train_s"], 1e-9)
         tflops = tot["flops"] / train_s / self.world_size / 1e12
-        summary = {k: tot[k] for k in ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")} | {
+        counts = ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")
+        summary = {k: tot[k] for k in counts} | {
             "wall_s": round(time.perf_counter() - self.start, 2), "train_s": round(train_s, 2),
             "tokens_per_s": tot["tokens"] / train_s, "tflops": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,

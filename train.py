@@ -199,8 +199,9 @@ def main(argv: list[str]):
     log = logging_utils.MetricsLogger(out, cfg["logging"], total_steps, d.rank, d.world_size, d.device,
                                       config.to_dict(cfg), state.get("metrics"))
     if eval_cache:  # all eval samples in one "step": every rank runs the same number of forward passes
-        eval_plan = sampler.MultipackPlan(eval_cache.lengths, sampler.SamplerConfig(batch_size=len(eval_cache), max_tokens_per_rank=cap),
-                                          d.world_size, d.rank, tc.seed).plan(0, 0)[d.rank]
+        eval_cfg = sampler.SamplerConfig(batch_size=len(eval_cache), max_tokens_per_rank=cap)
+        eval_plan = sampler.MultipackPlan(eval_cache.lengths, eval_cfg, d.world_size, d.rank, tc.seed)
+        eval_plan = eval_plan.plan(0, 0)[d.rank]
     caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
 
     for step in range(state["step"], total_steps):

@@ -43,8 +43,8 @@ def ref(tmp):
 
 
 def with_fault(nproc: int, args: list[str], fault: str, rank: int | None = None) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "FAULT": fault} | ({"FAULT_RANK": str(rank)} if rank is not None else {})
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else [])
+    env = os.environ | {"OMP_NUM_THREADS": "1", "FAULT": fault} | ({} if rank is None else {"FAULT_RANK": str(rank)})
     p = subprocess.run(launcher + ["tests/faults.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=env)
     assert p.returncode != 0, p.stdout[-2000:]

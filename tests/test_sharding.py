@@ -119,7 +119,8 @@ def qlora(runs):
                    "train.lr": 1e-2, "train.max_steps": 6, "checkpoint.save_every_steps": 3}
     data = str(runs / "data.jsonl")
     torchrun(0, strategy_args(runs, data, "qlora_single", over) + ["--train.max_steps=6"])
-    torchrun(2, strategy_args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"}) + ["--train.max_steps=6"])
+    torchrun(2, strategy_args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"})
+             + ["--train.max_steps=6"])
     return runs
 
 
