@@ -137,8 +137,7 @@ def save(output_dir: Path, step: int, model: nn.Module, optimizer, state: dict, 
     if rank == 0:
         _replace_dir(tmp, final)
         _write_latest(root, final.name)
-        if cfg.keep_last:
-            _rotate(root, cfg.keep_last)
+        _rotate(root, cfg.keep_last)
         size_mib = sum(f.stat().st_size for f in final.rglob("*") if f.is_file()) / 2**20
         print(f"saved {final} ({size_mib:.1f} MiB) in {time.perf_counter() - t0:.1f}s", flush=True)
     _barrier()
@@ -168,6 +167,7 @@ def load(path: Path, model: nn.Module, optimizer, rank: int):
     """Every rank calls it; restores model, optimizer and this rank's RNG states in place (a rank the saved run
     did not have keeps its seeded RNG)."""
     if _is_deepspeed(model):
+        # not strict: frozen weights were left out at save (exclude_frozen_parameters)
         model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False, load_lr_scheduler_states=False)
     else:
         sd = _state_dicts(model, optimizer)

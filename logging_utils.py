@@ -124,6 +124,10 @@ class MetricsLogger:
                                     name=self.output_dir.name, id=self.wandb_id, resume="allow")
             self.wandb_id = self.wandb.id
 
+    def _speed(self, flops: float, seconds: float) -> dict:
+        tflops = flops / seconds / self.world_size / 1e12  # achieved, per device
+        return {"tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
+
     def state_dict(self) -> dict:
         return {"totals": self.totals, "elapsed_s": time.perf_counter() - self.start, "last": self.last,
                 "wandb_id": self.wandb_id}
@@ -139,11 +143,9 @@ class MetricsLogger:
         tot["nonfinite_steps"] += not m["finite"]
         tot["packing_sum"] += m["packing_efficiency"]
         tot["imbalance_max"] = max(tot["imbalance_max"], m["rank_imbalance"])
-        tflops = m["flops"] / t / self.world_size / 1e12
         m = {k: v for k, v in m.items() if k != "flops"} | {
             "compute_s": t - m["data_wait_s"], "tokens_per_s": m["tokens"] / t, "samples_per_s": m["samples"] / t,
-            "loss_tokens_per_s": m["loss_tokens"] / t, "tflops": tflops,
-            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "loss_tokens_per_s": m["loss_tokens"] / t} | self._speed(m["flops"], t) | {
             "nonfinite_steps": tot["nonfinite_steps"]} | _memory(self.device)
         m["elapsed_s"] = round(time.perf_counter() - self.start, 3)
         self.last = m
@@ -163,7 +165,7 @@ class MetricsLogger:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
         if m["step"] % self.cfg.log_every_steps == 0 or "eval_loss" in m:
-            speed = f"MFU {m['mfu']:.1%}" if m["mfu"] is not None else f"{tflops:.3f} TFLOP/s"
+            speed = f"MFU {m['mfu']:.1%}" if m["mfu"] is not None else f"{m['tflops']:.3f} TFLOP/s"
             self.bar.write(f"step {m['step']} | loss {m['loss']:.4f}"
                            + (f" | eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
                            + f" | lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s"
@@ -174,12 +176,10 @@ class MetricsLogger:
         """Writes summary.json and metrics.png (with matplotlib; the plot extra) and returns the summary."""
         tot, last = self.totals, self.last or {}
         steps, train_s = max(1, tot["steps"]), max(tot["train_s"], 1e-9)
-        tflops = tot["flops"] / train_s / self.world_size / 1e12
         counts = ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")
         summary = {k: tot[k] for k in counts} | {
             "wall_s": round(time.perf_counter() - self.start, 2), "train_s": round(train_s, 2),
-            "tokens_per_s": tot["tokens"] / train_s, "tflops": tflops,
-            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "tokens_per_s": tot["tokens"] / train_s} | self._speed(tot["flops"], train_s) | {
             "final_loss": last.get("loss"), "final_eval_loss": tot.get("final_eval_loss"),
             "best_eval_loss": tot.get("best_eval_loss"), "peak_mem_gib": last.get("peak_mem_gib"),
             "peak_reserved_gib": last.get("peak_reserved_gib"), "micro_steps_mean": tot["micro_steps"] / steps,
