@@ -209,7 +209,8 @@ def main(argv: list[str]):
     cfg = config.cli(SECTIONS, argv)
     tokenizer = load_tokenizer(cfg["model"])
     try:
-        print(summary(TokenCache(build_cache(cfg["data"].train_files, tokenizer, cfg["data"]))))
+        for key in ("train_files", "eval_files") if cfg["data"].eval_files else ("train_files",):
+            print(summary(TokenCache(build_cache(getattr(cfg["data"], key), tokenizer, cfg["data"], f"data.{key}"))))
     except DataError as e:
         sys.exit(f"error: {e}")
 
