@@ -31,6 +31,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+import sharding
+
 
 @dataclass
 class CheckpointConfig:
@@ -48,10 +50,6 @@ class ResumeError(ValueError):
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def _is_deepspeed(model: nn.Module) -> bool:
-    return hasattr(model, "save_checkpoint")
 
 
 def _state_dicts(model: nn.Module, optimizer) -> dict:
@@ -125,7 +123,7 @@ def save(output_dir: Path, step: int, model: nn.Module, optimizer, state: dict, 
         shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a save that crashed
         tmp.mkdir(parents=True)
     _barrier()
-    if _is_deepspeed(model):
+    if sharding.is_deepspeed(model):
         model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
     else:
         dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / "dcp")
@@ -166,7 +164,7 @@ def find(output_dir: Path, cfg: CheckpointConfig) -> tuple[Path, dict] | None:
 def load(path: Path, model: nn.Module, optimizer, rank: int):
     """Every rank calls it; restores model, optimizer and this rank's RNG states in place (a rank the saved run
     did not have keeps its seeded RNG)."""
-    if _is_deepspeed(model):
+    if sharding.is_deepspeed(model):
         # not strict: frozen weights were left out at save (exclude_frozen_parameters)
         model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False, load_lr_scheduler_states=False)
     else:
@@ -204,7 +202,7 @@ def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size:
 
 def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, max_shard_size: str = "5GB") -> Path:
     """`model` is model_setup.PackedCausalLM (possibly sharded). Returns the export directory."""
-    if getattr(model, "zero_optimization_stage", lambda: 0)() == 3:  # DeepSpeed ZeRO-3: gathered on rank 0
+    if sharding.is_deepspeed(model) and model.zero_optimization_stage() == 3:  # ZeRO-3: gathered on rank 0
         state = model._zero3_consolidated_16bit_state_dict() or {}  # None on the other ranks
         state = {k.removeprefix("lm."): v for k, v in state.items()}
     else:  # full_state_dict gathers sharded (DTensor) weights; cpu_offload: the gathered copy on rank 0's CPU only

@@ -131,8 +131,13 @@ def wrap_deepspeed(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_no
     return engine, optimizer
 
 
+def is_deepspeed(model: nn.Module) -> bool:
+    """Whether `model` is the engine that wrap_deepspeed returned."""
+    return hasattr(model, "set_gradient_accumulation_boundary")
+
+
 def backward(model: nn.Module, loss: torch.Tensor, last_micro_step: bool):
-    if hasattr(model, "set_gradient_accumulation_boundary"):  # a DeepSpeed engine
+    if is_deepspeed(model):
         model.set_gradient_accumulation_boundary(last_micro_step)
         model.backward(loss)
     else:
@@ -142,7 +147,7 @@ def backward(model: nn.Module, loss: torch.Tensor, last_micro_step: bool):
 def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: bool) -> float:
     """Clips to `max_grad_norm` (0 = no clipping) and, if `update`, steps; returns the gradient norm before
     clipping (DeepSpeed clips inside its step and reports the norm after it)."""
-    if hasattr(model, "set_gradient_accumulation_boundary"):
+    if is_deepspeed(model):
         if update:
             model.step()
         else:
