@@ -8,6 +8,7 @@ reported at once; `--section.key=value` overrides go through the same checks.
 import dataclasses
 import difflib
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -21,6 +22,14 @@ class ConfigError(ValueError):
 def _check(value, tp, where: str, problems: list[str]):
     """Returns `value` converted to type `tp`, or appends a problem naming `where`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # str | Source: a mapping is the dataclass, the rest the str
+        cls = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        return _check(value, cls if isinstance(value, dict) and cls else args[0], where, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping with keys {', '.join(typing.get_type_hints(tp))}")
+            return value
+        return tp(**_check_fields(value, tp, where, problems))
     if origin is typing.Literal:
         if value in args:
             return value
@@ -41,6 +50,20 @@ def _check(value, tp, where: str, problems: list[str]):
     else:
         problems.append(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _check_fields(body: dict, cls: type, prefix: str, problems: list[str], at=lambda key: key) -> dict:
+    """The checked keyword arguments of dataclass `cls` from mapping `body`; unknown keys get the nearest name."""
+    hints, kwargs = typing.get_type_hints(cls), {}
+    for key, value in body.items():
+        if key not in hints:
+            hint = difflib.get_close_matches(str(key), hints, n=1)
+            name = f"{prefix.rpartition(': ')[2]}.{hint[0]}" if hint else ""  # the key path, not the file
+            problems.append(f"{at(f'{prefix}.{key}')}: unknown key" + (f"; did you mean '{name}'?" if hint else
+                                                                      f"; valid keys: {', '.join(hints)}"))
+        else:
+            kwargs[key] = _check(value, hints[key], at(f"{prefix}.{key}"), problems)
+    return kwargs
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -98,16 +121,7 @@ def load(path: str, sections: dict[str, type], overrides: list[str] = ()) -> dic
         body = raw.get(section) or {}
         if not isinstance(body, dict):
             continue
-        hints, kwargs = typing.get_type_hints(cls), {}
-        for key, value in body.items():
-            if key not in hints:
-                hint = difflib.get_close_matches(str(key), hints, n=1)
-                problems.append(f"{at(f'{section}.{key}')}: unknown key" +
-                                (f"; did you mean '{section}.{hint[0]}'?" if hint else
-                                 f"; valid keys: {', '.join(hints)}"))
-            else:
-                kwargs[key] = _check(value, hints[key], at(f"{section}.{key}"), problems)
-        out[section] = cls(**kwargs)
+        out[section] = cls(**_check_fields(body, cls, section, problems, at))
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems))
     return out

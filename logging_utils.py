@@ -157,6 +157,7 @@ class MetricsLogger:
         self.file.write(json.dumps(m) + "\n")
         self.file.flush()
         scalars = {k: v for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
+        scalars |= {f"loss_by_source/{k}": v for k, v in m.get("loss_by_source", {}).items()}
         if self.tb:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, m["step"])

@@ -5,7 +5,7 @@
 - `compute_loss`, a chunked cross-entropy over supervised positions only, so the (tokens, vocab) logits are
   never held at once.
 
-`load_model` wraps the HF model in `PackedCausalLM`, whose forward returns (loss_sum, n_targets): FSDP2 and
+`load_model` wraps the HF model in `PackedCausalLM`, whose forward returns (loss_sum, token_losses): FSDP2 and
 DeepSpeed then see one module that owns every parameter the loss touches.
 """
 
@@ -105,6 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, scale: float, softcap: float | None, chunk: int):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        token_losses = torch.empty(len(targets), dtype=torch.float32, device=h.device)  # (S,), for logging
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
@@ -115,7 +116,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
             lse = logits.logsumexp(-1)
-            loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            token_losses[a:a + chunk] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            loss += token_losses[a:a + chunk].sum()
             if need_grad:
                 g = (logits - lse[:, None]).exp_()  # softmax; d loss / d logits = softmax - onehot(y)
                 g[torch.arange(len(y), device=g.device), y] -= 1
@@ -125,29 +127,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[a:a + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
                 grad_w.addmm_(g.t(), hc.float())
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
-        return loss
+        ctx.mark_non_differentiable(token_losses)
+        return loss, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
 
 
 def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Tensor, targets: torch.Tensor,
-                 scale: float = 1.0, softcap: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, int]:
+                 scale: float = 1.0, softcap: float | None = None,
+                 chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden (T, H) after the final norm, weight (V, H) of the output layer, loss_idx (S,) positions that have a
-    target, targets (S,) -> (sum of the S token losses, S). Logits exist for one chunk of `chunk` positions at a
-    time, and only for supervised positions."""
+    target, targets (S,) -> (sum of the S token losses, the (S,) token losses without gradient, for per-source
+    logging). Logits exist for one chunk of `chunk` positions at a time, and only for supervised positions."""
     h = hidden.index_select(0, loss_idx)  # (S, H)
     if not torch.is_grad_enabled():  # evaluation: tell the function that no gradient is needed
         h, weight = h.detach(), weight.detach()
-    return _LinearCrossEntropy.apply(h, weight, targets, scale, softcap, chunk), targets.numel()
+    return _LinearCrossEntropy.apply(h, weight, targets, scale, softcap, chunk)
 
 
 def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Tensor, targets: torch.Tensor,
-                       scale: float = 1.0, softcap: float | None = None) -> tuple[torch.Tensor, int]:
+                       scale: float = 1.0, softcap: float | None = None) -> tuple[torch.Tensor, None]:
     """The same contract as `compute_loss`, with Liger's fused linear cross-entropy (CUDA, Triton): the logits
-    are computed and consumed block by block inside one kernel, and never stored for backward."""
+    are computed and consumed block by block inside one kernel, and never stored for backward. It returns no
+    token losses, so there is no loss_by_source with it."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -155,7 +160,7 @@ def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: tor
     if scale != 1.0:
         raise ValueError("model.loss: liger does not scale logits (this model sets logits_scaling); use chunked")
     h = hidden.index_select(0, loss_idx)
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, targets), targets.numel()
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, targets), None
 
 
 class PackedCausalLM(nn.Module):
@@ -171,24 +176,12 @@ class PackedCausalLM(nn.Module):
                                        max_length_q=max_seqlen, max_length_k=max_seqlen).last_hidden_state
         weight = self.lm.get_output_embeddings().weight  # (V, H)
         if targets.numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter, so that
-            return hidden.sum() * 0.0 + weight.sum() * 0.0, 0  # backward (and its collectives) runs everywhere
+            return hidden.sum() * 0.0 + weight.sum() * 0.0, targets.float()  # backward (and collectives) everywhere
         c = self.lm.config
         # Output-logit modifiers some families apply in their *ForCausalLM.forward, which we bypass:
         # Granite divides the logits by `logits_scaling`, Gemma-2 soft-caps them.
         scale = 1.0 / getattr(c, "logits_scaling", 1.0)
         return self.loss_fn(hidden[0], weight, loss_idx, targets, scale, getattr(c, "final_logit_softcapping", None))
-
-
-def load_tokenizer(cfg: ModelConfig):
-    from transformers import AutoTokenizer
-
-    if not cfg.path:
-        raise ValueError("model.path is empty: set it to an HF model directory (or hub id)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.path)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{cfg.path}: the tokenizer has no chat template; add `chat_template` to its "
-                         "tokenizer_config.json (or chat_template.jinja)")
-    return tokenizer
 
 
 def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) -> PackedCausalLM:

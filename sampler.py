@@ -42,22 +42,40 @@ class MultipackPlan:
     """The step plan of one run: `micro_batches(epoch, step)` -> this rank's list of micro-batches (lists of
     sample indices into the token cache)."""
 
-    def __init__(self, lengths: np.ndarray, cfg: SamplerConfig, world_size: int, rank: int, seed: int):
+    def __init__(self, lengths: np.ndarray, cfg: SamplerConfig, world_size: int, rank: int, seed: int,
+                 sources: np.ndarray | None = None, weights: list[float] | None = None):
         self.lengths, self.cfg, self.world_size, self.rank = np.asarray(lengths), cfg, world_size, rank
         self.seed, self._order = seed, (None, None)
+        self.sources = np.zeros(len(self.lengths), np.int64) if sources is None else np.asarray(sources)
+        self.weights = [1.0] * (int(self.sources.max(initial=0)) + 1) if weights is None else list(weights)
         too_long = np.flatnonzero(self.lengths > cfg.max_tokens_per_rank)
         if len(too_long):
             i = int(too_long[0])
             raise ValueError(f"sample {i} has {self.lengths[i]} tokens, more than sampler.max_tokens_per_rank="
                              f"{cfg.max_tokens_per_rank} ({len(too_long)} such samples); raise "
                              "sampler.max_tokens_per_rank or lower data.max_seq_len")
-        self.steps_per_epoch = math.ceil(len(self.lengths) / cfg.batch_size)
+        self.samples_per_epoch = len(self.epoch_samples(0))
+        if not self.samples_per_epoch:
+            raise ValueError("the source weights leave no sample in an epoch; raise a weight above 0")
+        self.steps_per_epoch = math.ceil(self.samples_per_epoch / cfg.batch_size)
         self.epoch, self.step = 0, 0  # the next step to run; saved in checkpoints
+
+    def epoch_samples(self, epoch: int) -> np.ndarray:
+        """The samples of one epoch, unshuffled. A source of weight w and n samples gives round(w * n): each of its
+        samples floor(w) times, plus a subset drawn by (seed, epoch, source) for the fractional part, so a weight
+        of 0.5 sees another half of the source each epoch."""
+        parts = []
+        for s, w in enumerate(self.weights):
+            idx = np.flatnonzero(self.sources == s)
+            whole, extra = divmod(round(w * len(idx)), len(idx)) if len(idx) else (0, 0)
+            rng = np.random.default_rng([self.seed, epoch, s])
+            parts += [idx] * whole + [np.sort(rng.choice(idx, extra, replace=False))]
+        return np.concatenate(parts)
 
     def step_samples(self, epoch: int, step: int) -> np.ndarray:
         """Sample indices of global step `step` of `epoch`: a function of (seed, epoch, step) only."""
         if self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)))
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.epoch_samples(epoch)))
         return self._order[1][step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
 
     def plan(self, epoch: int, step: int) -> list[list[list[int]]]:
@@ -89,8 +107,9 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device) 
     """[(input_ids, loss_mask)] -> one padding-free packed row: input_ids and position_ids (restarting at 0 per
     sample) of shape (1, T); cu_seqlens (int32 offsets) and max_seqlen for varlen kernels; the labels, shifted
     per sample (labels[i] is the target of position i; the last position of each sample has none, so nothing
-    predicts across a boundary), as loss_idx (positions that have a target) and targets, computed here on the
-    host so the loss needs no device sync. An empty micro-batch becomes one untrained token."""
+    predicts across a boundary), as loss_idx (positions that have a target), targets and loss_seg (the sample of
+    each target, for per-sample and per-source sums), computed here on the host so the loss needs no device sync.
+    An empty micro-batch becomes one untrained token."""
     if not samples:
         samples = [(np.zeros(1, np.int32), np.zeros(1, np.uint8))]
     ids = torch.from_numpy(np.concatenate([s[0] for s in samples]).astype(np.int64))
@@ -98,9 +117,10 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device) 
     labels = np.concatenate([np.append(np.where(m[1:] > 0, i[1:], -100), -100) for i, m in samples])
     labels = torch.from_numpy(labels.astype(np.int64))
     loss_idx = torch.nonzero(labels != -100).flatten()
+    segment = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (T,) sample of each position
     batch = {"input_ids": ids[None], "position_ids": torch.cat([torch.arange(n) for n in lens])[None],
              "cu_seqlens": torch.tensor(np.cumsum([0] + lens), dtype=torch.int32),
-             "loss_idx": loss_idx, "targets": labels[loss_idx]}
+             "loss_idx": loss_idx, "targets": labels[loss_idx], "loss_seg": segment[loss_idx]}
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch | {"max_seqlen": max(lens)}
 
@@ -127,8 +147,7 @@ def plan_stats(plan: MultipackPlan, epoch: int = 0) -> dict:
 
 def main(argv: list[str]):
     import config
-    from model_setup import load_tokenizer
-    from tokenize_data import TokenCache, build_cache
+    from tokenize_data import TokenCache, build_cache, load_tokenizer, sources
     from train import SECTIONS
 
     world_size = 1
@@ -136,8 +155,10 @@ def main(argv: list[str]):
         i = argv.index("--world-size")
         world_size, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
     cfg = config.cli(SECTIONS, argv)
-    cache = TokenCache(build_cache(cfg["data"].train_files, load_tokenizer(cfg["model"]), cfg["data"]))
-    print(json.dumps(plan_stats(MultipackPlan(cache.lengths, cfg["sampler"], world_size, 0, cfg["train"].seed))))
+    cache = TokenCache(build_cache(cfg["data"].train_files, load_tokenizer(cfg["model"].path), cfg["data"]))
+    weights = [s.weight for s in sources(cfg["data"].train_files)]
+    plan = MultipackPlan(cache.lengths, cfg["sampler"], world_size, 0, cfg["train"].seed, cache.source, weights)
+    print(json.dumps(plan_stats(plan)))
 
 
 if __name__ == "__main__":

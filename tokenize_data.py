@@ -1,11 +1,15 @@
-"""Chat JSONL -> memory-mapped token cache. Only assistant content and the end-of-turn token(s) the chat template
-writes after it are trained; everything else gets label -100.
+"""Data sources -> memory-mapped token cache. Only what the model generates at inference is trained: each
+assistant turn's content and the end-of-turn token(s) the chat template writes after it; everything else gets
+label -100.
 
-    python tokenize_data.py --config configs/quickstart.yaml
+    python tokenize_data.py --config configs/quickstart.yaml [--preview N]
 
-The cache is a directory keyed by a hash of the input files, the tokenizer, its chat template and the options, so a
-changed input is never served stale. It holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sample `offsets`
-(int64, n+1) and supervised target counts `loss_tokens`, and `meta.json` (counts, drops by reason, percentiles).
+A source is a JSONL/JSON/Parquet file, a directory of them, a `datasets.save_to_disk` directory or a hub id, in one
+of the FORMATS below (detected from its first record). Reading and the parallel, batched work are `datasets`'
+(Arrow, memory-mapped): a source is never held as a Python list. The cache is a directory keyed by a hash of the
+input contents, the tokenizer, its chat template and the options, so a changed input is never served stale. It
+holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sample `offsets` (int64, n+1), supervised target
+counts `loss_tokens` and `source` ids, and `meta.json` (counts per source, skips and drops by reason).
 """
 
 import hashlib
@@ -15,162 +19,575 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-CACHE_VERSION = 1  # bump when the tokenization logic changes, so old caches are not reused
-ROLES = ("system", "user", "assistant")
+CACHE_VERSION = 2  # bump when the tokenization logic changes, so old caches are not reused
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
+                  "assistant": "assistant"}
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Source:
+    path: str = ""  # a .jsonl/.json/.parquet file, a directory of them, a save_to_disk directory, or a hub id
+    weight: float = 1.0  # samples per epoch as a multiple of the source's size: 2.0 = each twice, 0.5 = a seeded
+    #   half (another half each epoch); a fractional part is sampled by seed too
+    format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text"] = "auto"
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # chat JSONL paths: {"messages": [{"role", "content"}]}
-    eval_files: list[str] = field(default_factory=list)  # chat JSONL for the eval loss (train.eval_every_steps)
+    train_files: list[str | Source] = field(default_factory=list)  # sources: a path, or {path, weight, format}
+    eval_files: list[str | Source] = field(default_factory=list)  # sources of the eval loss (train.eval_every_steps)
     max_seq_len: int = 4096  # longest sample kept, in tokens; longer ones are dropped and counted
+    on_bad_sample: Literal["error", "skip"] = "error"  # error: stop at the first, naming its place; skip: count
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
-    num_proc: int = 1  # tokenizer processes; >1 helps on large files
+    num_proc: int = 1  # tokenizer processes; they split the records of each source
 
 
 class DataError(ValueError):
     pass
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+class BadSample(ValueError):
+    """A sample that cannot be trained; `reason` is the key it is counted under with on_bad_sample: skip."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
-def _segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """Splits the rendered conversation into (text, trained) pieces. For assistant turn i, what rendering
-    messages[:i+1] adds to rendering messages[:i] with the generation prompt is exactly what the model must
-    generate: the content plus the end-of-turn token(s). Trailing whitespace after them (ChatML's newline) is
-    not generated at inference, so it is not trained. Works for any template, with or without generation markers."""
-    full = _render(tokenizer, messages)
-    pieces, done = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise DataError("model.path is empty: set it to an HF model directory (or hub id)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise DataError(f"{path}: the tokenizer has no chat template; add `chat_template` to its "
+                        "tokenizer_config.json (or chat_template.jinja)")
+    return tokenizer
+
+
+# ---- record formats -> OpenAI chat messages: one small function each (a fork adds a format here) ----
+
+def _need(record: dict, key: str, types) -> object:
+    if not isinstance(record.get(key), types):
+        got = type(record[key]).__name__ if key in record else "nothing"
+        raise BadSample("wrong_type", f'"{key}" must be {getattr(types, "__name__", "a string or a list")}, '
+                                      f"got {got}")
+    return record[key]
+
+
+def from_messages(record: dict) -> list[dict]:
+    return _need(record, "messages", list)
+
+
+def from_conversations(record: dict) -> list[dict]:  # ShareGPT
+    turns = _need(record, "conversations", list)
+    if not all(isinstance(t, dict) for t in turns):
+        raise BadSample("wrong_type", '"conversations" must be a list of {"from", "value"} objects')
+    for t in turns:
+        if t.get("from") not in SHAREGPT_ROLES:
+            raise BadSample("unknown_role", f"conversation turn from {t.get('from')!r}; expected one of "
+                                            f"{', '.join(SHAREGPT_ROLES)}")
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
+
+
+def from_alpaca(record: dict) -> list[dict]:
+    user = _need(record, "instruction", str)
+    if record.get("input"):
+        user += "\n\n" + _need(record, "input", str)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _need(record, "output", str)}]
+
+
+def from_prompt_completion(record: dict) -> list[dict]:
+    prompt, completion = _need(record, "prompt", (str, list)), _need(record, "completion", (str, list))
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    return prompt + completion
+
+
+FORMATS = {"messages": from_messages, "conversations": from_conversations, "alpaca": from_alpaca,
+           "prompt_completion": from_prompt_completion, "text": None}  # text: no template, every token trained
+
+
+def detect_format(record) -> str:
+    keys = record.keys() if isinstance(record, dict) else ()
+    for fmt, need in (("messages", {"messages"}), ("conversations", {"conversations"}),
+                      ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}),
+                      ("text", {"text"})):
+        if need <= keys:
+            return fmt
+    raise BadSample("unknown_format", f"cannot tell the format from the keys {sorted(keys)}: expected messages, "
+                                      "conversations, instruction/output, prompt/completion or text; or set format:")
+
+
+def _content(m: dict, j: int) -> str:
+    c = m.get("content")
+    if c is None and m.get("tool_calls"):
+        return ""
+    if isinstance(c, list):  # OpenAI content parts; text parts are joined by newlines
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
+            raise BadSample("wrong_type", f"messages[{j}].content: only parts of type text are supported")
+        return "\n".join(p["text"] for p in c)
+    if not isinstance(c, str):
+        raise BadSample("wrong_type", f"messages[{j}].content must be a string or a list of text parts, got "
+                                      f"{type(c).__name__}")
+    return c
+
+
+def normalize(messages) -> list[dict]:
+    """Checks roles and types and returns template-ready copies: content as a string, None-valued keys (Arrow's
+    filler for absent fields) removed. A message's `train: false` is kept for the masking."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise BadSample("wrong_type", "messages must be a list of objects")
+    if not messages:
+        raise BadSample("empty_conversation", "the conversation is empty")
+    out = []
+    for j, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise BadSample("unknown_role", f"messages[{j}] has role {m.get('role')!r}; expected one of "
+                                            f"{', '.join(ROLES)}")
+        m = {k: v for k, v in m.items() if v is not None} | {"content": _content(m, j)}
+        for key, tp in (("tool_calls", list), ("reasoning_content", str), ("train", bool)):
+            if key in m and not isinstance(m[key], tp):
+                raise BadSample("wrong_type", f"messages[{j}].{key} must be a {tp.__name__}")
+        if not all(isinstance(c, dict) for c in m.get("tool_calls", [])):
+            raise BadSample("wrong_type", f"messages[{j}].tool_calls must be a list of objects")
+        out.append(m)
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in out):
+        raise BadSample("no_assistant_turn", "no assistant message to train; add one or remove the sample")
+    return out
+
+
+# ---- masks for any chat template ----
+
+_FOOTERS: dict[str, str] = {}  # chat template -> what it writes after the last message only (Phi: its EOS)
+
+
+def _render(tokenizer, messages, tools, generation_prompt=False) -> str:
+    try:
+        return tokenizer.apply_chat_template([{k: v for k, v in m.items() if k != "train"} for m in messages],
+                                             tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja's TemplateError, or any error the template's own code raises
+        raise BadSample("template_error", f"the chat template raised: {e}") from None
+
+
+def _footer(tokenizer) -> str:
+    """Text a template writes after the last message of a finished conversation but not before a generation
+    prompt (Phi-3.5 appends its EOS): it follows no turn at inference, so it is not part of any answer. Probed
+    on a conversation that ends with a user turn, since some templates end a last assistant turn differently
+    (gpt-oss: <|return|>, not <|end|>)."""
+    if tokenizer.chat_template not in _FOOTERS:
+        probe = [{"role": "user", "content": "1"}]
+        try:
+            done, more = _render(tokenizer, probe, None), _render(tokenizer, probe, None, True)
+        except BadSample:
+            done = more = ""
+        k = len(os.path.commonprefix([done, more]))
+        enc = tokenizer(done, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [a for a, b in enc["offset_mapping"] if b > k]  # back off to a token boundary
+        _FOOTERS[tokenizer.chat_template] = done[starts[0]:] if starts else ""
+    return _FOOTERS[tokenizer.chat_template]
+
+
+def _turn(tokenizer, messages, i, tools) -> tuple[str, str]:
+    """(prompt, answer) of assistant turn i as inference sees it: the prompt is the history rendered with the
+    generation prompt; the answer is what the template writes after it for this turn when it comes last (its
+    content, reasoning, tool calls and end-of-turn tokens), without trailing whitespace, which is not generated."""
+    prompt = _render(tokenizer, messages[:i], tools, True)
+    footer = _footer(tokenizer)
+    done = _render(tokenizer, messages[:i + 1], tools)
+    done = done[:-len(footer)] if footer and done.endswith(footer) else done
+    if done.startswith(prompt):
+        return prompt, done[len(prompt):].rstrip()
+    # The template rewrites the history when an assistant turn comes last. Mistral moves the system text into the
+    # last user turn (and drops it when an assistant turn is last): the answer is the same without it.
+    kept = [m for m in messages[:i + 1] if m["role"] != "system"]
+    if len(kept) <= i:
+        p, d = _render(tokenizer, kept[:-1], tools, True), _render(tokenizer, kept, tools)
+        d = d[:-len(footer)] if footer and d.endswith(footer) else d
+        if d.startswith(p):
+            return prompt, d[len(p):].rstrip()
+    # DeepSeek-R1's generation prompt opens "<think>\n", which a finished turn never renders: the answer is the
+    # finished turn after what it shares with the generation prompt.
+    history = _render(tokenizer, messages[:i], tools)
+    if done.startswith(history) and prompt.startswith(history):
+        header, rendered = prompt[len(history):], done[len(history):]
+        return prompt, rendered[len(os.path.commonprefix([header, rendered])):].rstrip()
+    raise BadSample("template_error", f"messages[{i}]: the chat template renders this turn's history differently "
+                                      "from its generation prompt; the answer cannot be located")
+
+
+def _visible(text: str, haystack: str) -> bool:
+    text = text.strip()
+    return not text or text in haystack or json.dumps(text, ensure_ascii=False)[1:-1] in haystack
+
+
+def _check_nothing_lost(messages, last: int, text: str, answers: dict[int, str]):
+    """Every message up to `last` must be in the sample's text, and the reasoning of each trained turn in its
+    answer; else the template dropped it and the turn would be trained without it."""
+    for j, m in enumerate(messages[:last + 1]):
+        content = m["content"].split("</think>")[-1] if m["role"] == "assistant" else m["content"]
+        calls = [c["function"].get("name", "") for c in m.get("tool_calls", []) if isinstance(c.get("function"), dict)]
+        if not all(_visible(x, answers.get(j, text)) for x in calls) or not _visible(content, text):
+            raise BadSample("template_drops_message", f"messages[{j}] ({m['role']}) is not in the rendered text: "
+                                                      "the chat template leaves it (or its tool call) out; it "
+                                                      "would be lost")
+        if j in answers:
+            inline = m["content"].split("</think>")[0].replace("<think>", "") if "</think>" in m["content"] else ""
+            if not _visible(m.get("reasoning_content", inline), answers[j]):
+                raise BadSample("template_drops_message", f"messages[{j}]: the chat template does not render its "
+                                                          "reasoning in the answer; it would be lost")
+
+
+def conversation_pieces(messages: list[dict], tokenizer, tools=None) -> list[list[tuple[str, bool]]]:
+    """The masking rule: each trained assistant turn is trained once, on its inference view (`_turn`). One
+    sample holds the last trained turn's view and, in place, every earlier turn whose view is a prefix of it;
+    a turn the template renders differently once later turns follow (stripped reasoning, a moved system text,
+    another end token) starts a sample of its own. Returns samples as [(text, trained)] pieces; messages after
+    the last trained turn train nothing and are left out."""
+    views = [(i, *_turn(tokenizer, messages, i, tools)) for i, m in enumerate(messages)
+             if m["role"] == "assistant" and m.get("train", True)]
+    samples = []
+    while views:
+        chosen = [views.pop()]
+        text = chosen[0][1] + chosen[0][2]
+        for j in range(len(views) - 1, -1, -1):
+            _, prompt, answer = views[j]
+            if text.startswith(prompt + answer) and len(prompt + answer) <= len(chosen[-1][1]):
+                chosen.append(views.pop(j))
+        chosen.reverse()
+        _check_nothing_lost(messages, chosen[-1][0], text, {i: answer for i, _, answer in chosen})
+        pieces, done = [], 0
+        for _, prompt, answer in chosen:
+            if not answer:
+                raise BadSample("template_error", "the chat template renders an empty assistant turn")
+            pieces += [(prompt[done:], False), (answer, True)]
+            done = len(prompt) + len(answer)
+        samples.append([(t, trained) for t, trained in pieces if t])
+    return samples[::-1]
+
+
+def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
+    if not isinstance(record, dict):
+        raise BadSample("wrong_type", f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "text":
+        text = _need(record, "text", str)
+        if not text.strip():
+            raise BadSample("empty_conversation", '"text" is empty')
+        return [[(text, True), (tokenizer.eos_token, True)]]
+    tools = record.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise BadSample("wrong_type", '"tools" must be a list of tool definitions')
+    return conversation_pieces(normalize(FORMATS[fmt](record)), tokenizer, tools)
+
+
+def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> list[dict]:
+    """Pieces -> {"input_ids", "labels"}, all pieces of all samples in one batch call of the tokenizer. Pieces
+    are tokenized separately, so token boundaries are those of inference (the prompt is tokenized, the answer
+    generated after it)."""
+    flat = [text for s in samples for text, _ in s]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, k = [], 0
+    for s in samples:
+        sample = {"input_ids": [], "labels": []}
+        for _, trained in s:
+            sample["input_ids"] += ids[k]
+            sample["labels"] += ids[k] if trained else [-100] * len(ids[k])
+            k += 1
+        out.append(sample)
+    return out
+
+
+def tokenize_sample(sample: dict, tokenizer, fmt: str | None = None) -> dict | list[dict]:
+    """One record (of any format in FORMATS; detected when `fmt` is None) -> {"input_ids": [...], "labels": [...]},
+    labels aligned with input_ids (not shifted), -100 where not trained; or a list of such dicts when the masking
+    rule makes several samples of one conversation. Raises BadSample."""
+    out = _encode(_pieces(sample, tokenizer, fmt or detect_format(sample)), tokenizer)
+    return out[0] if len(out) == 1 else out
+
+
+# ---- sources -> token cache ----
+
+def sources(entries: list) -> list[Source]:
+    """data.train_files / eval_files entries as Sources (a bare path is a Source of weight 1)."""
+    return [e if isinstance(e, Source) else Source(path=e) for e in entries]
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
+    if not files:
+        raise DataError(f"{path}: no .jsonl, .json or .parquet files in this directory")
+    return files
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _is_json_lines(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return path.suffix == ".jsonl" or not head.startswith(b"[")
+
+
+def _load(src: Source, tmp: Path):
+    """-> (datasets.Dataset, line_based). JSON lines are read as lines (latin-1, so every byte survives and a bad
+    line is reported by number, not as a failed file); other sources as their Arrow rows."""
+    import datasets
+
+    path = Path(src.path)
+    try:
+        if _is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
+                ds = ds["train"]
+            return ds, False
+        if not path.exists():
+            if path.suffix in FILE_TYPES or path.is_absolute() or src.path.count("/") != 1:
+                raise DataError(f"{src.path}: no such file or directory")
+            print(f"{src.path}: not a local path; loading it from the Hugging Face Hub", flush=True)
+            return datasets.load_dataset(src.path, split="train", cache_dir=str(tmp / "hf")), False
+        files = _files(path)
+        kinds = {"jsonl" if f.suffix != ".parquet" and _is_json_lines(f) else FILE_TYPES[f.suffix] for f in files}
+        if len(kinds) > 1:
+            raise DataError(f"{path}: mixes {' and '.join(sorted(kinds))} files; list them as separate sources")
+        kind, data_files = kinds.pop(), [str(f) for f in files]
+        if kind == "jsonl":
+            return datasets.load_dataset("text", data_files=data_files, split="train", encoding="latin-1",
+                                         cache_dir=str(tmp / "hf")), True
+        return datasets.load_dataset(kind, data_files=data_files, split="train", cache_dir=str(tmp / "hf")), False
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow or datasets could not read it: the file is named, the library's reason kept
+        raise DataError(f"{src.path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _parse(raw, line_based: bool):
+    if not line_based:
+        return raw
+    try:
+        text = raw.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("invalid_utf8", f"not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadSample("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based: bool, eot: int) -> dict:
+    """datasets.map function: records -> output rows (one per sample; one per bad record, with its reason)."""
+    keys = list(batch)
+    out = {"input_ids": [], "loss_mask": [], "row": [], "reason": [], "message": [], "trains_eot": []}
+    good, owner = [], []
+    for n, values in zip(indices, zip(*batch.values())):
+        raw = values[0] if line_based else dict(zip(keys, values))
+        if line_based and not raw.strip():
+            continue  # a blank line is no sample
+        try:
+            samples = _pieces(_parse(raw, line_based), tokenizer, fmt)
+        except BadSample as e:
+            for k, v in (("input_ids", []), ("loss_mask", []), ("row", n), ("reason", e.reason), ("message", str(e)),
+                         ("trains_eot", False)):
+                out[k].append(v)
             continue
-        prompt, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1])
-        if not (turn.startswith(prompt) and full.startswith(turn) and prompt.startswith(full[:done])):
-            raise DataError("the chat template does not render conversations as prefixes of each other "
-                            "(it rewrites earlier turns); it cannot be masked by rendering prefixes")
-        answer = turn[len(prompt):].rstrip()
-        pieces += [(prompt[done:], False), (answer, True)]
-        done = len(prompt) + len(answer)
-    return [(t, trained) for t, trained in pieces + [(full[done:], False)] if t]
+        good += samples
+        owner += [n] * len(samples)
+    for n, s in zip(owner, _encode(good, tokenizer)):
+        out["input_ids"].append(s["input_ids"])
+        out["loss_mask"].append([int(x != -100) for x in s["labels"]])
+        out["row"].append(n)
+        out["reason"].append("")
+        out["message"].append("")
+        out["trains_eot"].append(any(x == eot for x in s["labels"]))
+    return out
 
 
-def tokenize_sample(sample: dict, tokenizer) -> dict:
-    """One JSONL record -> {"input_ids": [...], "labels": [...]}, labels aligned with input_ids (not shifted),
-    -100 where not trained. Pieces are tokenized separately, so token boundaries match inference, where the
-    prompt is tokenized and the answer generated after it."""
-    ids, labels = [], []
-    for text, trained in _segments(sample["messages"], tokenizer):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        labels += piece if trained else [-100] * len(piece)
-    return {"input_ids": ids, "labels": labels}
+def _detect(ds, line_based: bool) -> str:
+    """The format of the first record that has one (bad records before it are reported by the map)."""
+    problem = "it has no records"
+    for i in range(min(len(ds), 1000)):
+        raw = ds[i]["text"] if line_based else ds[i]
+        if line_based and not raw.strip():
+            continue
+        try:
+            return detect_format(_parse(raw, line_based))
+        except BadSample as e:
+            problem = str(e)
+    raise DataError(f"cannot detect the format of the source ({problem})")
 
 
-def _validate(record, where: str) -> dict:
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise DataError(f'{where}: expected an object with a "messages" list, got {str(record)[:80]}')
-    msgs = record["messages"]
-    if not msgs:
-        raise DataError(f"{where}: \"messages\" is empty")
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{j}] has role {m.get('role') if isinstance(m, dict) else m!r}; "
-                            f"expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{j}].content must be a string, got "
-                            f"{type(m.get('content')).__name__}")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{where}: no assistant message, so nothing would be trained; add one or remove the line")
-    return record
+def _eot_token(tokenizer) -> tuple[int, str]:
+    """The token that ends an assistant turn: the last token the template writes after a probe answer, or the
+    tokenizer's EOS when it writes nothing."""
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    try:
+        text = _turn(tokenizer, probe, 1, None)[1].removeprefix("2").strip()
+    except BadSample:
+        text = ""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    token = ids[-1] if ids else tokenizer.eos_token_id
+    return token, tokenizer.convert_ids_to_tokens(token)
 
 
-def read_jsonl(path: str) -> list[tuple[int, dict]]:
-    """Parses and validates a chat JSONL file into (line number, record); raises DataError naming the file and
-    line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.rstrip("\n"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            records.append((n, _validate(record, f"{path}:{n}")))
-    if not records:
-        raise DataError(f"{path}: the file has no samples")
-    return records
+def _hash_source(h, src: Source):
+    h.update(f"{src.path}|{src.format}".encode())
+    path = Path(src.path)
+    if not path.exists():  # a hub id: its name (datasets keeps its own revision cache)
+        return
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        h.update(str(f).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
 
 
-def _fingerprint(files: list[str], tokenizer, cfg: DataConfig) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION} max_seq_len={cfg.max_seq_len}".encode())
-    for path in files:
-        h.update(path.encode() + Path(path).read_bytes())
+def _fingerprint(srcs: list[Source], tokenizer, cfg: DataConfig) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION} max_seq_len={cfg.max_seq_len} {cfg.on_bad_sample}".encode())
+    for src in srcs:
+        _hash_source(h, src)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
     h.update(f"{tokenizer.chat_template}|{tokenizer.special_tokens_map}".encode())
     return h.hexdigest()[:16]
 
 
-def _tokenize_file(args):
-    path, tokenizer = args
-    out = []
-    for n, record in read_jsonl(path):
-        try:
-            out.append(tokenize_sample(record, tokenizer))
-        except DataError as e:
-            raise DataError(f"{path}:{n}: {e}") from None
-    return out
+def _source_name(src: Source, names: list[str]) -> str:
+    name = Path(src.path).stem if Path(src.path).exists() else src.path
+    return name if name not in names else f"{name}#{len(names)}"
 
 
-def build_cache(files: list[str], tokenizer, cfg: DataConfig, key: str = "data.train_files") -> Path:
-    """Tokenizes `files` into the cache (once) and returns its directory. Writes to a temporary directory and
-    renames it, so a crash never leaves a half-written cache behind."""
-    if not files:
-        raise DataError(f"no input files: set {key} to a list of chat JSONL paths")
-    for path in files:
-        if not Path(path).is_file():
-            raise DataError(f"{path}: no such file (listed in {key})")
-    out = Path(cfg.cache_dir) / _fingerprint(files, tokenizer, cfg)
+def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.train_files") -> Path:
+    """Tokenizes the sources (once) into the cache and returns its directory. Each source is mapped by
+    `data.num_proc` processes in batches into Arrow files, then copied batch by batch into the flat arrays, so
+    memory stays bounded. Writes to a temporary directory and renames it, so a crash never leaves a
+    half-written cache behind."""
+    import datasets
+    import pyarrow.compute as pc
+
+    srcs = sources(entries)
+    if not srcs:
+        raise DataError(f"no input: set {key} to a list of data sources (paths or hub ids)")
+    for src in srcs:
+        if src.weight < 0:
+            raise DataError(f"{key}: {src.path}: weight must be >= 0, got {src.weight}")
+    out = Path(cfg.cache_dir) / _fingerprint(srcs, tokenizer, cfg)
     if (out / "meta.json").exists():
         return out
-    if cfg.num_proc > 1:
-        from multiprocessing import Pool
-
-        with Pool(cfg.num_proc) as pool:  # one file per task; split big files to use more processes
-            per_file = pool.map(_tokenize_file, [(p, tokenizer) for p in files])
-    else:
-        per_file = [_tokenize_file((p, tokenizer)) for p in files]
-    samples = [s for f in per_file for s in f]
-    kept = [s for s in samples if len(s["input_ids"]) <= cfg.max_seq_len]
-    dropped = {"longer_than_max_seq_len": len(samples) - len(kept)}
-    if not kept:
-        raise DataError(f"all {len(samples)} samples are longer than data.max_seq_len={cfg.max_seq_len}; raise it")
-    lengths = np.array([len(s["input_ids"]) for s in kept], dtype=np.int64)
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.save(tmp / "input_ids.npy", np.fromiter((t for s in kept for t in s["input_ids"]), np.int32, lengths.sum()))
-    np.save(tmp / "loss_mask.npy",
-            np.fromiter((lab != -100 for s in kept for lab in s["labels"]), np.uint8, lengths.sum()))
-    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-    # supervised targets per sample after the per-sample shift: the first token is never a target
-    loss_tokens = np.array([sum(x != -100 for x in s["labels"][1:]) for s in kept], dtype=np.int64)
-    np.save(tmp / "loss_tokens.npy", loss_tokens)
-    meta = {"files": files, "samples_read": len(samples), "samples_kept": len(kept), "dropped": dropped,
-            "tokens": int(lengths.sum()), "loss_tokens": int(loss_tokens.sum()),
-            "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}}
+    eot, eot_text = _eot_token(tokenizer)
+    mapped, meta_sources, names = [], [], []
+    for s, src in enumerate(srcs):
+        ds, line_based = _load(src, tmp)
+        name = _source_name(src, names)
+        names.append(name)
+        try:
+            fmt = _detect(ds, line_based) if src.format == "auto" else src.format
+        except DataError as e:
+            raise DataError(f"{src.path}: {e}") from None
+        m = ds.map(_map_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
+                   num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
+                   fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "line_based": line_based, "eot": eot},
+                   cache_file_name=str(tmp / "hf" / f"mapped-{s}.arrow"), new_fingerprint=f"{out.name}-{s}",
+                   features=datasets.Features({
+                       "input_ids": datasets.List(datasets.Value("int32")),
+                       "loss_mask": datasets.List(datasets.Value("uint8")),
+                       "row": datasets.Value("int64"), "reason": datasets.Value("string"),
+                       "message": datasets.Value("string"), "trains_eot": datasets.Value("bool")}))
+        table = m.data.table
+        reasons = table["reason"].to_numpy(zero_copy_only=False)
+        lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(reasons != "")
+        if len(bad) and cfg.on_bad_sample == "error":
+            i = int(bad[0])
+            row = int(table["row"][i].as_py())
+            where = f"{src.path}:{row + 1}" if line_based else f"{src.path}:row {row}"
+            raise DataError(f"{where}: {table['message'][i].as_py()} (data.on_bad_sample: skip counts and skips "
+                            "such samples)")
+        too_long = (reasons == "") & (lengths > cfg.max_seq_len)
+        mapped.append((table, (reasons == "") & ~too_long, s))
+        skipped = {str(r): int(n) for r, n in zip(*np.unique(reasons[bad], return_counts=True))}
+        meta_sources.append({"name": name, "path": src.path, "format": fmt,
+                             "records": int(len(np.unique(table["row"].to_numpy()))), "skipped": skipped,
+                             "longer_than_max_seq_len": int(too_long.sum()),
+                             "samples": int(((reasons == "") & ~too_long).sum()),
+                             "trains_eot": int(pc.sum(table["trains_eot"]).as_py() or 0)})
+    _write(tmp, mapped, cfg)
+    meta = _meta(meta_sources, tmp, cfg, key, eot_text)
+    shutil.rmtree(tmp / "hf", ignore_errors=True)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(out)
     except OSError:  # another process finished the same cache first; its result is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write(tmp: Path, mapped: list, cfg: DataConfig):
+    """Copies the kept samples of every mapped source, in order, into the flat memory-mapped arrays."""
+    import pyarrow.compute as pc
+
+    lengths = np.concatenate([pc.list_value_length(t["input_ids"]).to_numpy(zero_copy_only=False)[keep]
+                              for t, keep, _ in mapped]).astype(np.int64)
+    if not len(lengths):
+        raise DataError(f"no sample left to train (all skipped or longer than data.max_seq_len={cfg.max_seq_len})")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.lib.format.open_memmap(tmp / "input_ids.npy", "w+", np.int32, (int(offsets[-1]),))
+    mask = np.lib.format.open_memmap(tmp / "loss_mask.npy", "w+", np.uint8, (int(offsets[-1]),))
+    loss_tokens, source, pos = [], [], 0
+    for table, keep, s in mapped:
+        start = 0
+        for batch in table.to_batches(max_chunksize=4096):
+            k = keep[start:start + len(batch)]
+            start += len(batch)
+            batch = batch.filter(k)
+            if not len(batch):
+                continue
+            flat_ids = batch["input_ids"].flatten().to_numpy()
+            flat_mask = batch["loss_mask"].flatten().to_numpy()
+            ids[pos:pos + len(flat_ids)], mask[pos:pos + len(flat_ids)] = flat_ids, flat_mask
+            # supervised targets per sample after the per-sample shift: a sample's first token is never a target
+            starts = batch["input_ids"].offsets.to_numpy()[:-1] - batch["input_ids"].offsets[0].as_py()
+            trained = np.add.reduceat(flat_mask.astype(np.int64), starts) - flat_mask[starts]
+            loss_tokens.append(trained)
+            source.append(np.full(len(batch), s, np.int32))
+            pos += len(flat_ids)
+    ids.flush(), mask.flush()
+    np.save(tmp / "offsets.npy", offsets)
+    np.save(tmp / "loss_tokens.npy", np.concatenate(loss_tokens).astype(np.int64))
+    np.save(tmp / "source.npy", np.concatenate(source))
+
+
+def _meta(sources: list[dict], tmp: Path, cfg: DataConfig, key: str, eot_text: str) -> dict:
+    lengths = np.diff(np.load(tmp / "offsets.npy"))
+    if not sum(s["trains_eot"] for s in sources):
+        raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model would never "
+                        "learn to stop; check the chat template (it must write an end-of-turn token after each "
+                        "assistant message)")
+    skipped = {}
+    for s in sources:
+        for reason, n in s["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {"sources": sources, "samples": len(lengths), "skipped": skipped,
+            "dropped": {"longer_than_max_seq_len": sum(s["longer_than_max_seq_len"] for s in sources)},
+            "tokens": int(lengths.sum()), "loss_tokens": int(np.load(tmp / "loss_tokens.npy").sum()),
+            "end_of_turn": eot_text,
+            "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}}
 
 
 class TokenCache:
@@ -184,6 +601,8 @@ class TokenCache:
         self.offsets = np.load(self.path / "offsets.npy")
         self.lengths = np.diff(self.offsets)
         self.loss_tokens = np.load(self.path / "loss_tokens.npy")
+        self.source = np.load(self.path / "source.npy")  # (n,) index into meta["sources"]
+        self.source_names = [s["name"] for s in self.meta["sources"]]
 
     def __len__(self):
         return len(self.lengths)
@@ -195,22 +614,50 @@ class TokenCache:
 
 def summary(cache: TokenCache) -> str:
     m = cache.meta
-    dropped = ", ".join(f"{k}: {v}" for k, v in m["dropped"].items())
-    return (f"tokenized {len(m['files'])} file(s): {m['samples_read']} samples read, {m['samples_kept']} kept, "
-            f"dropped {dropped}; {m['tokens']:,} tokens, {m['loss_tokens']:,} supervised; lengths "
-            + " ".join(f"{k}={v}" for k, v in m["length_percentiles"].items()) + f"\ncache: {cache.path}")
+    lines = [f"tokenized {len(m['sources'])} source(s): {m['samples']:,} samples, {m['tokens']:,} tokens, "
+             f"{m['loss_tokens']:,} supervised; lengths " + " ".join(f"{k}={v}" for k, v in
+                                                                   m["length_percentiles"].items())]
+    for s in m["sources"]:
+        skipped = sum(s["skipped"].values())
+        lines.append(f"  {s['name']} ({s['format']}): {s['records']:,} records -> "
+                     f"{s['samples']:,} samples; skipped {skipped}"
+                     + (f" ({', '.join(f'{k}: {v}' for k, v in s['skipped'].items())})" if skipped else "")
+                     + f"; longer than max_seq_len {s['longer_than_max_seq_len']}")
+    return "\n".join(lines + [f"cache: {cache.path}"])
+
+
+def preview(cache: TokenCache, tokenizer, n: int, color: bool) -> str:
+    """The first n samples as text, trained tokens in green (color) or in [[...]]."""
+    out = []
+    for i in range(min(n, len(cache))):
+        ids, mask = cache[i]
+        runs, start = [], 0
+        for k in range(1, len(ids) + 1):
+            if k == len(ids) or mask[k] != mask[start]:
+                text = tokenizer.decode(ids[start:k].tolist())
+                runs.append((f"\033[32m{text}\033[0m" if color else f"[[{text}]]") if mask[start] else text)
+                start = k
+        out.append(f"--- sample {i} ({cache.source_names[cache.source[i]]}, {len(ids)} tokens, "
+                   f"{int(mask.sum())} trained) ---\n" + "".join(runs))
+    return "\n".join(out)
 
 
 def main(argv: list[str]):
     import config
-    from model_setup import load_tokenizer
     from train import SECTIONS
 
+    n_preview = 0
+    if "--preview" in argv:
+        i = argv.index("--preview")
+        n_preview, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
     cfg = config.cli(SECTIONS, argv)
-    tokenizer = load_tokenizer(cfg["model"])
     try:
+        tokenizer = load_tokenizer(cfg["model"].path)
         for key in ("train_files", "eval_files") if cfg["data"].eval_files else ("train_files",):
-            print(summary(TokenCache(build_cache(getattr(cfg["data"], key), tokenizer, cfg["data"], f"data.{key}"))))
+            cache = TokenCache(build_cache(getattr(cfg["data"], key), tokenizer, cfg["data"], f"data.{key}"))
+            print(summary(cache))
+            if n_preview and key == "train_files":
+                print(preview(cache, tokenizer, n_preview, sys.stdout.isatty()))
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -93,7 +93,7 @@ def _check_combinations(cfg: dict):
 # (and is printed). The data itself is compared through the token cache's fingerprint; DeepSpeed checkpoints are
 # its own format (fsdp2 and none read each other's).
 RESUME_MUST_MATCH = ("model.path", "model.random_init", "model.load_in_4bit", "sharding.lora_rank",
-                     "sharding.lora_target_modules", "sampler.batch_size", "train.seed")
+                     "sharding.lora_target_modules", "sampler.batch_size", "train.seed", "data.train_files")
 
 
 @torch.no_grad()
@@ -102,7 +102,9 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
     model.eval()
     loss_sum = torch.zeros((), device=d.device)
     for mb in micro_batches:
-        loss_sum += model(**sampler.collate([cache[i] for i in mb], d.device))[0]
+        batch = sampler.collate([cache[i] for i in mb], d.device)
+        del batch["loss_seg"]
+        loss_sum += model(**batch)[0]
     model.train()
     if d.world_size > 1:
         dist.all_reduce(loss_sum)
@@ -167,13 +169,18 @@ def main(argv: list[str]):
         print0(f"config ({d.world_size} rank(s), {d.device}):\n{config.dump(cfg)}")
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
-    tokenizer = model_setup.load_tokenizer(cfg["model"])
+    try:
+        tokenizer = tokenize_data.load_tokenizer(cfg["model"].path)
+    except tokenize_data.DataError as e:
+        sys.exit(f"error: {e}")
     cache = _token_cache(cfg["data"], "train_files", tokenizer, d)
     eval_cache = _token_cache(cfg["data"], "eval_files", tokenizer, d) if cfg["data"].eval_files else None
-    plan = sampler.MultipackPlan(cache.lengths, cfg["sampler"], d.world_size, d.rank, tc.seed)
+    weights = [s.weight for s in tokenize_data.sources(cfg["data"].train_files)]
+    plan = sampler.MultipackPlan(cache.lengths, cfg["sampler"], d.world_size, d.rank, tc.seed, cache.source, weights)
+    n_sources = len(cache.source_names)
     total_steps = tc.max_steps or tc.epochs * plan.steps_per_epoch
     cap = cfg["sampler"].max_tokens_per_rank
-    print0(f"{len(cache)} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps per epoch; "
+    print0(f"{plan.samples_per_epoch} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps per epoch; "
            f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
 
     resume = _resume_point(out, cfg, cache, d)
@@ -213,23 +220,28 @@ def main(argv: list[str]):
         step_plan = plan.plan(epoch, k)
         n_step = plan.loss_tokens(epoch, k, cache.loss_tokens)  # supervised targets, all ranks
         loss_sum, data_wait_s = torch.zeros((), device=d.device), 0.0
+        source_sums = torch.zeros(n_sources, device=d.device)  # token losses summed per data source
         micro_batches = step_plan[d.rank]
         for j, mb in enumerate(micro_batches):
             t_data = time.perf_counter()
             batch = sampler.collate([cache[i] for i in mb], d.device)
+            segment = batch.pop("loss_seg")  # (S,) the sample of each target
             data_wait_s += time.perf_counter() - t_data
-            micro_loss, _ = model(**batch)
+            micro_loss, token_losses = model(**batch)
+            if token_losses is not None and n_sources > 1:
+                source_sums.index_add_(0, torch.as_tensor(cache.source[mb], device=d.device)[segment], token_losses)
             # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
             # of sum(token losses of the step, all ranks) / n_step
             sharding.backward(model, micro_loss * (d.world_size / max(n_step, 1)), j == len(micro_batches) - 1)
             loss_sum += micro_loss.detach()
         sharding.reduce_gradients(model, cfg["sharding"], d)
-        # one collective for the step's loss and for whether any rank was asked to stop
-        loss_and_stop = torch.stack([loss_sum, torch.tensor(float(bool(caught)), device=d.device)])
+        # one collective for the step's loss, whether any rank was asked to stop, and the per-source sums
+        reduced = torch.cat([torch.stack([loss_sum, torch.tensor(float(bool(caught)), device=d.device)]),
+                             source_sums])
         if d.world_size > 1:
-            dist.all_reduce(loss_and_stop)
+            dist.all_reduce(reduced)
         # Host syncs, meant: the loss, the stop flag and the gradient norm, global, so all ranks decide alike.
-        loss_sum, stop = loss_and_stop.tolist()
+        loss_sum, stop, *source_sums = reduced.tolist()
         loss = loss_sum / max(n_step, 1)
         grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -242,6 +254,10 @@ def main(argv: list[str]):
         m = {"step": step + 1, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
              "grad_norm": grad_norm, "samples": len(samples), "loss_tokens": n_step, "finite": finite,
              "flops": step_flops(cache.lengths[samples]), "step_time_s": step_time_s, "data_wait_s": data_wait_s}
+        if n_sources > 1 and cfg["model"].loss != "liger":  # token-weighted loss of each source in the step
+            source_tokens = np.bincount(cache.source[samples], cache.loss_tokens[samples], n_sources)
+            m["loss_by_source"] = {name: source_sums[s] / source_tokens[s]
+                                   for s, name in enumerate(cache.source_names) if source_tokens[s]}
         if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, d)
         log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))
@@ -258,7 +274,13 @@ def main(argv: list[str]):
             sys.exit(PREEMPTED_EXIT_CODE)
 
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank)
-    extra = {"samples_dropped": cache.meta["dropped"], "export": str(hf_dir)}
+    extra = {"samples_dropped": cache.meta["dropped"], "samples_skipped": cache.meta["skipped"],
+             "samples_by_source": {s["name"]: {"samples": s["samples"], "per_epoch": int(n), "skipped": s["skipped"],
+                                               "longer_than_max_seq_len": s["longer_than_max_seq_len"]}
+                                   for s, n in zip(cache.meta["sources"],
+                                                   np.bincount(cache.source[plan.epoch_samples(0)], None,
+                                                               n_sources))},
+             "export": str(hf_dir)}
     if eval_cache:
         extra["eval_samples_dropped"] = eval_cache.meta["dropped"]
     if tc.heldout_file and d.rank == 0:
@@ -266,7 +288,9 @@ def main(argv: list[str]):
         print0(f"held-out exact match: {extra['heldout_exact_match']:.1%} ({tc.heldout_file})")
     summary = log.close(extra)
     print0(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.1f}s; "
-           f"final loss {summary['final_loss']:.4f}; exported to {hf_dir}", rank=d.rank)
+           f"final loss {summary['final_loss']:.4f}; {sum(cache.meta['skipped'].values())} bad samples skipped, "
+           f"{cache.meta['dropped']['longer_than_max_seq_len']} longer than data.max_seq_len dropped; "
+           f"exported to {hf_dir}", rank=d.rank)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -87,3 +87,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; run `python -m pytest -m gpu` on one"))
+
+
+TEMPLATES = ROOT.parent / "shared" / "templates"  # real chat templates of 11 families (read-only fixtures)
+HARMONY_TOKENS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]
+
+
+def family_tokenizer(family: str):
+    """The quickstart BPE vocabulary plus a family's special tokens and its real chat template (tokens.json);
+    "harmony" is tests/templates/harmony.jinja, a template of gpt-oss's kind written for these tests."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(QS_MODEL)
+    if family == "harmony":
+        tok.add_special_tokens({"eos_token": "<|return|>", "additional_special_tokens": HARMONY_TOKENS})
+        tok.chat_template = (ROOT / "tests/templates/harmony.jinja").read_text()
+        return tok
+    meta = json.loads((TEMPLATES / "tokens.json").read_text())
+    spec = meta.get(family) or meta[family.split("_")[0]] | {"template_file": meta["_variants"][family]["template_file"]}
+    special = {f"{k}_token": spec[k] for k in ("bos", "eos", "pad", "unk") if spec.get(k)}
+    extra = [t for t in spec.get("special_tokens", []) + spec.get("other_markup", []) if t not in special.values()]
+    tok.add_special_tokens(special | {"additional_special_tokens": extra})
+    tok.chat_template = (TEMPLATES / spec["template_file"]).read_text()
+    return tok

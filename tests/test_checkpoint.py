@@ -150,7 +150,7 @@ def test_bad_resume_settings_are_refused_with_the_fix(tmp, ref):
     def resume_point(**over):
         cfg = config.load(QS_CONFIG, train.SECTIONS, args(tmp, "bad", **over)[2:])
         cache = tokenize_data.TokenCache(tokenize_data.build_cache(
-            cfg["data"].train_files, model_setup.load_tokenizer(cfg["model"]), cfg["data"]))
+            cfg["data"].train_files, tokenize_data.load_tokenizer(cfg["model"].path), cfg["data"]))
         with pytest.raises(SystemExit) as e:
             train._resume_point(tmp / "bad", cfg, cache, sharding.Dist(0, 0, 1, torch.device("cpu")))
         return str(e.value.code)
@@ -177,7 +177,7 @@ def test_exports_reload_with_the_logits_of_the_model_in_memory(tmp_path):
     ids = torch.arange(3, 60)[None]
     torch.manual_seed(0)
     model = model_setup.load_model(cfg, torch.device("cpu"))
-    checkpoint.export_hf(model, model_setup.load_tokenizer(cfg), tmp_path / "full", 0, max_shard_size="200KB")
+    checkpoint.export_hf(model, tokenize_data.load_tokenizer(cfg.path), tmp_path / "full", 0, max_shard_size="200KB")
     hf = tmp_path / "full/hf"
     assert (hf / "model.safetensors.index.json").exists() and len(list(hf.glob("model-*.safetensors"))) > 1
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(hf)(ids).logits, in_memory_logits(model, ids),
@@ -191,7 +191,7 @@ def test_exports_reload_with_the_logits_of_the_model_in_memory(tmp_path):
     for name, p in model.named_parameters():  # trained-looking adapters (peft initializes lora_B to zero)
         if "lora_B" in name:
             p.normal_(0, 0.1)
-    checkpoint.export_hf(model, model_setup.load_tokenizer(cfg), tmp_path / "lora", 0)
+    checkpoint.export_hf(model, tokenize_data.load_tokenizer(cfg.path), tmp_path / "lora", 0)
     hf, expected = tmp_path / "lora/hf", in_memory_logits(model, ids)
     merged = AutoModelForCausalLM.from_pretrained(hf / "merged")
     torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)

@@ -21,9 +21,8 @@ def test_liger_loss_equals_chunked():
     weight = torch.randn(1000, 64, generator=g).cuda().requires_grad_()
     idx = torch.arange(0, 300, 3).cuda()
     targets = torch.randint(0, 1000, (100,), generator=g).cuda()
-    ours, n = model_setup.compute_loss(hidden, weight, idx, targets)
-    liger, m = model_setup.compute_loss_liger(hidden, weight, idx, targets)
-    assert n == m == 100
+    ours, _ = model_setup.compute_loss(hidden, weight, idx, targets)
+    liger, _ = model_setup.compute_loss_liger(hidden, weight, idx, targets)
     torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-3)
 
 

@@ -68,7 +68,7 @@ def test_packed_hidden_states_equal_per_sample(name):
 def test_packed_loss_and_grads_equal_unpacked_cross_entropy(name):
     """Our loss on one packed row == F.cross_entropy on transformers' own logits, sample by sample."""
     ours, ref = models(name)
-    loss_sum, n = ours(**sampler.collate(samples(), torch.device("cpu")))
+    loss_sum, token_losses = ours(**sampler.collate(samples(), torch.device("cpu")))
     loss_sum.backward()
     ref_sum, ref_n = 0.0, 0
     for ids, mask in samples():
@@ -78,8 +78,9 @@ def test_packed_loss_and_grads_equal_unpacked_cross_entropy(name):
         ref_sum = ref_sum + F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
         ref_n += int((targets != -100).sum())
     ref_sum.backward()
-    assert n == ref_n
+    assert len(token_losses) == ref_n and not token_losses.requires_grad
     torch.testing.assert_close(loss_sum, ref_sum, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(token_losses.sum(), loss_sum.detach())
     for (name_, p), q in zip(ours.lm.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name_)
 
@@ -90,9 +91,10 @@ def test_chunked_loss_equals_cross_entropy():
     weight = torch.randn(40, 16, generator=g, requires_grad=True)
     idx = torch.tensor([0, 3, 4, 10, 11, 12, 30, 49])
     targets = torch.randint(0, 40, (8,), generator=g)
-    loss, n = model_setup.compute_loss(hidden, weight, idx, targets, chunk=3)  # three chunks
-    expected = F.cross_entropy(hidden[idx] @ weight.t(), targets, reduction="sum")
-    assert n == 8
+    loss, token_losses = model_setup.compute_loss(hidden, weight, idx, targets, chunk=3)  # three chunks
+    expected = F.cross_entropy(hidden[idx] @ weight.t(), targets, reduction="none")
+    torch.testing.assert_close(token_losses, expected.detach())
+    expected = expected.sum()
     torch.testing.assert_close(loss, expected)
     gh, gw = torch.autograd.grad(loss, (hidden, weight))
     eh, ew = torch.autograd.grad(expected, (hidden, weight))
@@ -102,7 +104,7 @@ def test_chunked_loss_equals_cross_entropy():
 
 def test_empty_micro_batch_has_zero_loss_but_reaches_every_parameter():
     ours, _ = models("llama")
-    loss, n = ours(**sampler.collate([], torch.device("cpu")))
+    loss, token_losses = ours(**sampler.collate([], torch.device("cpu")))
     loss.backward()
-    assert n == 0 and loss.item() == 0.0
+    assert len(token_losses) == 0 and loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
