@@ -258,6 +258,8 @@ def main(argv: list[str]):
             source_tokens = np.bincount(cache.source[samples], cache.loss_tokens[samples], n_sources)
             m["loss_by_source"] = {name: source_sums[s] / source_tokens[s]
                                    for s, name in enumerate(cache.source_names) if source_tokens[s]}
+            m["loss_tokens_by_source"] = {name: int(source_tokens[s])
+                                          for s, name in enumerate(cache.source_names) if source_tokens[s]}
         if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, d)
         log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))

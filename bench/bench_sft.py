@@ -93,7 +93,7 @@ def run_hf(a, system: str) -> dict:
     attn = "flash_attention_2" if a.device == "cuda" and system == "trl_packing_bfd" else "sdpa"
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.work / "model"), dtype=dtype,
                                              attn_implementation=attn)  # random init, as ours
-    records = [r for _, r in tokenize_data.read_jsonl(str(a.work / "data.jsonl"))]
+    records = [json.loads(line) for line in (a.work / "data.jsonl").read_text().splitlines()]
     micro = 8  # padded systems: 8 samples per micro-batch, accumulated to `batch` samples per step
     common = dict(output_dir=str(a.work / system), num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine",
                   adam_beta2=0.95, max_grad_norm=1.0, save_strategy="no", report_to=[], logging_steps=10**6,

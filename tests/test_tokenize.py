@@ -11,7 +11,7 @@ import pytest
 
 import sampler
 import tokenize_data
-from conftest import QS_CONFIG, ROOT, TEMPLATES, family_tokenizer, write_jsonl
+from conftest import QS_CONFIG, QS_MODEL, ROOT, TEMPLATES, family_tokenizer, write_jsonl
 from tokenize_data import BadSample, DataConfig, DataError, Source, TokenCache, build_cache, tokenize_sample
 
 # What the model generates for an assistant turn, around its content, per family (from tokens.json and the
@@ -338,7 +338,7 @@ def test_cli_error_is_one_line_and_preview_marks_trained_tokens(tmp_path):
 
 
 def test_cache_counts_drops_and_is_keyed_by_content(tmp_path):
-    tok = family_tokenizer("qwen2_5")
+    tok = tokenize_data.load_tokenizer(QS_MODEL)
     long = {"messages": [{"role": "user", "content": "z " * 200}, {"role": "assistant", "content": "ok"}]}
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [QS[0], long, QS[1]])
@@ -356,7 +356,8 @@ def test_cache_counts_drops_and_is_keyed_by_content(tmp_path):
     assert build_cache([str(path)], tok, cfg) == first  # reused
     write_jsonl(path, [QS[0]])
     assert build_cache([str(path)], tok, cfg) != first  # changed input: never stale
-    assert build_cache([str(path)], family_tokenizer("llama3_1"), cfg) != build_cache([str(path)], tok, cfg)
+    other = DataConfig(max_seq_len=4096, cache_dir=str(tmp_path / "cache"))
+    assert build_cache([str(path)], family_tokenizer("llama3_1"), other) != build_cache([str(path)], tok, other)
     skip = DataConfig(max_seq_len=64, cache_dir=str(tmp_path / "cache"), on_bad_sample="skip")
     assert build_cache([str(path)], tok, skip) != build_cache([str(path)], tok, cfg)
 

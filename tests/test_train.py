@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import metrics, run_args, torchrun
+from conftest import ROOT, metrics, run_args, strategy_args, torchrun, write_jsonl
 
 KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "loss_tokens", "tokens_per_s", "packing_efficiency",
         "elapsed_s", "peak_mem_gib", "micro_steps"}
@@ -68,3 +68,35 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path, small_data):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["nonfinite_steps"] == sum(not m["finite"] for m in rows) >= 1
     assert "update skipped" in p.stdout
+
+
+def test_a_parquet_prompt_completion_source_trains_as_messages_jsonl(runs, tmp_path):
+    """The same 320 chats as the `ref` run, as prompt/completion records in a Parquet file: identical losses."""
+    import datasets
+
+    lines = (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:320]
+    records = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1]["content"]}
+               for r in map(json.loads, lines)]
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "d.parquet"))
+    torchrun(0, strategy_args(tmp_path, str(tmp_path / "d.parquet"), "pc", {}))
+    assert [m["loss"] for m in metrics(tmp_path / "pc")] == [m["loss"] for m in metrics(runs / "ref")]
+
+
+def test_mixture_logs_per_source_losses_that_weight_sum_to_the_step_loss(tmp_path):
+    lines = (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()
+    a = write_jsonl(tmp_path / "a.jsonl", lines[:128])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(
+        m["role"], m["role"]), "value": m["content"]} for m in json.loads(x)["messages"]]} for x in lines[128:192]])
+    files = f"[{a}, {{path: {b}, weight: 1.5}}]"
+    p = torchrun(0, run_args(tmp_path, a, **{"data.train_files": files, "train.max_steps": 4,
+                                             "sharding.strategy": "none"}))
+    rows = metrics(tmp_path / "run")
+    for m in rows:
+        assert set(m["loss_by_source"]) == {"a", "b"}
+        weighted = sum(m["loss_by_source"][s] * m["loss_tokens_by_source"][s] for s in ("a", "b"))
+        assert sum(m["loss_tokens_by_source"].values()) == m["loss_tokens"]
+        assert weighted / m["loss_tokens"] == pytest.approx(m["loss"], rel=1e-6)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert {k: (v["samples"], v["per_epoch"]) for k, v in summary["samples_by_source"].items()} == \
+        {"a": (128, 128), "b": (64, 96)}
+    assert "224 samples / 32 per step = 7 steps per epoch" in p.stdout and "0 bad samples skipped" in p.stdout
