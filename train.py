@@ -167,7 +167,6 @@ def main(argv: list[str]):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.dump(cfg))
         print0(f"config ({d.world_size} rank(s), {d.device}):\n{config.dump(cfg)}")
-    random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
     try:
         tokenizer = tokenize_data.load_tokenizer(cfg["model"].path)
@@ -184,6 +183,9 @@ def main(argv: list[str]):
            f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
 
     resume = _resume_point(out, cfg, cache, d)
+    # seeded after the data stage, which runs on rank 0 only (datasets draws random fingerprints): every rank must
+    # reach the model's random init (weights, LoRA adapters) in the same RNG state
+    random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
     # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
     # (4-bit weights are read by every rank: they are a quarter of the size, and quantized as they are read)

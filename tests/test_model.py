@@ -68,7 +68,9 @@ def test_packed_hidden_states_equal_per_sample(name):
 def test_packed_loss_and_grads_equal_unpacked_cross_entropy(name):
     """Our loss on one packed row == F.cross_entropy on transformers' own logits, sample by sample."""
     ours, ref = models(name)
-    loss_sum, token_losses = ours(**sampler.collate(samples(), torch.device("cpu")))
+    batch = sampler.collate(samples(), torch.device("cpu"))
+    del batch["loss_seg"]
+    loss_sum, token_losses = ours(**batch)
     loss_sum.backward()
     ref_sum, ref_n = 0.0, 0
     for ids, mask in samples():
@@ -104,7 +106,9 @@ def test_chunked_loss_equals_cross_entropy():
 
 def test_empty_micro_batch_has_zero_loss_but_reaches_every_parameter():
     ours, _ = models("llama")
-    loss, token_losses = ours(**sampler.collate([], torch.device("cpu")))
+    batch = sampler.collate([], torch.device("cpu"))
+    del batch["loss_seg"]
+    loss, token_losses = ours(**batch)
     loss.backward()
     assert len(token_losses) == 0 and loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
