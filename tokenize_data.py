@@ -195,22 +195,25 @@ def _footer(tokenizer) -> str:
     return _FOOTERS[tokenizer.chat_template]
 
 
+def _finished(tokenizer, messages, tools) -> str:
+    """The conversation rendered as finished, without the template's end-of-conversation footer."""
+    text, footer = _render(tokenizer, messages, tools), _footer(tokenizer)
+    return text[:-len(footer)] if footer and text.endswith(footer) else text
+
+
 def _turn(tokenizer, messages, i, tools) -> tuple[str, str]:
     """(prompt, answer) of assistant turn i as inference sees it: the prompt is the history rendered with the
     generation prompt; the answer is what the template writes after it for this turn when it comes last (its
     content, reasoning, tool calls and end-of-turn tokens), without trailing whitespace, which is not generated."""
     prompt = _render(tokenizer, messages[:i], tools, True)
-    footer = _footer(tokenizer)
-    done = _render(tokenizer, messages[:i + 1], tools)
-    done = done[:-len(footer)] if footer and done.endswith(footer) else done
+    done = _finished(tokenizer, messages[:i + 1], tools)
     if done.startswith(prompt):
         return prompt, done[len(prompt):].rstrip()
     # The template rewrites the history when an assistant turn comes last. Mistral moves the system text into the
     # last user turn (and drops it when an assistant turn is last): the answer is the same without it.
     kept = [m for m in messages[:i + 1] if m["role"] != "system"]
     if len(kept) <= i:
-        p, d = _render(tokenizer, kept[:-1], tools, True), _render(tokenizer, kept, tools)
-        d = d[:-len(footer)] if footer and d.endswith(footer) else d
+        p, d = _render(tokenizer, kept[:-1], tools, True), _finished(tokenizer, kept, tools)
         if d.startswith(p):
             return prompt, d[len(p):].rstrip()
     # DeepSeek-R1's generation prompt opens "<think>\n", which a finished turn never renders: the answer is the
@@ -527,8 +530,7 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
                              "longer_than_max_seq_len": int(too_long.sum()),
                              "samples": int(((reasons == "") & ~too_long).sum()),
                              "trains_eot": int(pc.sum(table["trains_eot"]).as_py() or 0)})
-    _write(tmp, mapped, cfg)
-    meta = _meta(meta_sources, tmp, cfg, key, eot_text)
+    meta = _meta(meta_sources, *_write(tmp, mapped, cfg), key, eot_text)
     shutil.rmtree(tmp / "hf", ignore_errors=True)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
@@ -538,8 +540,9 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     return out
 
 
-def _write(tmp: Path, mapped: list, cfg: DataConfig):
-    """Copies the kept samples of every mapped source, in order, into the flat memory-mapped arrays."""
+def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Copies the kept samples of every mapped source, in order, into the flat memory-mapped arrays; returns the
+    samples' lengths and supervised target counts."""
     import pyarrow.compute as pc
 
     lengths = np.concatenate([pc.list_value_length(t["input_ids"]).to_numpy(zero_copy_only=False)[keep]
@@ -568,13 +571,14 @@ def _write(tmp: Path, mapped: list, cfg: DataConfig):
             source.append(np.full(len(batch), s, np.int32))
             pos += len(flat_ids)
     ids.flush(), mask.flush()
+    loss_tokens = np.concatenate(loss_tokens).astype(np.int64)
     np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "loss_tokens.npy", np.concatenate(loss_tokens).astype(np.int64))
+    np.save(tmp / "loss_tokens.npy", loss_tokens)
     np.save(tmp / "source.npy", np.concatenate(source))
+    return lengths, loss_tokens
 
 
-def _meta(sources: list[dict], tmp: Path, cfg: DataConfig, key: str, eot_text: str) -> dict:
-    lengths = np.diff(np.load(tmp / "offsets.npy"))
+def _meta(sources: list[dict], lengths: np.ndarray, loss_tokens: np.ndarray, key: str, eot_text: str) -> dict:
     if not sum(s["trains_eot"] for s in sources):
         raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model would never "
                         "learn to stop; check the chat template (it must write an end-of-turn token after each "
@@ -585,7 +589,7 @@ def _meta(sources: list[dict], tmp: Path, cfg: DataConfig, key: str, eot_text: s
             skipped[reason] = skipped.get(reason, 0) + n
     return {"sources": sources, "samples": len(lengths), "skipped": skipped,
             "dropped": {"longer_than_max_seq_len": sum(s["longer_than_max_seq_len"] for s in sources)},
-            "tokens": int(lengths.sum()), "loss_tokens": int(np.load(tmp / "loss_tokens.npy").sum()),
+            "tokens": int(lengths.sum()), "loss_tokens": int(loss_tokens.sum()),
             "end_of_turn": eot_text,
             "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}}
 

@@ -179,12 +179,12 @@ def main(argv: list[str]):
     n_sources = len(cache.source_names)
     total_steps = tc.max_steps or tc.epochs * plan.steps_per_epoch
     cap = cfg["sampler"].max_tokens_per_rank
-    print0(f"{plan.samples_per_epoch} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps per epoch; "
-           f"{total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
+    print0(f"{plan.samples_per_epoch} samples / {cfg['sampler'].batch_size} per step = {plan.steps_per_epoch} steps "
+           f"per epoch; {total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
 
     resume = _resume_point(out, cfg, cache, d)
-    # seeded after the data stage, which runs on rank 0 only (datasets draws random fingerprints): every rank must
-    # reach the model's random init (weights, LoRA adapters) in the same RNG state
+    # seeded just before the model is built, so nothing the data stage does on rank 0 alone can leave the ranks'
+    # random init (weights, LoRA adapters) in different RNG states
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
     # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
@@ -258,10 +258,9 @@ def main(argv: list[str]):
              "flops": step_flops(cache.lengths[samples]), "step_time_s": step_time_s, "data_wait_s": data_wait_s}
         if n_sources > 1 and cfg["model"].loss != "liger":  # token-weighted loss of each source in the step
             source_tokens = np.bincount(cache.source[samples], cache.loss_tokens[samples], n_sources)
-            m["loss_by_source"] = {name: source_sums[s] / source_tokens[s]
-                                   for s, name in enumerate(cache.source_names) if source_tokens[s]}
-            m["loss_tokens_by_source"] = {name: int(source_tokens[s])
-                                          for s, name in enumerate(cache.source_names) if source_tokens[s]}
+            present = [(name, s) for s, name in enumerate(cache.source_names) if source_tokens[s]]
+            m["loss_by_source"] = {name: source_sums[s] / source_tokens[s] for name, s in present}
+            m["loss_tokens_by_source"] = {name: int(source_tokens[s]) for name, s in present}
         if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, d)
         log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))
@@ -278,13 +277,11 @@ def main(argv: list[str]):
             sys.exit(PREEMPTED_EXIT_CODE)
 
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank)
+    per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, n_sources)  # after the weights
+    by_source = {s["name"]: {k: s[k] for k in ("samples", "skipped", "longer_than_max_seq_len")} | {"per_epoch": int(n)}
+                 for s, n in zip(cache.meta["sources"], per_epoch)}
     extra = {"samples_dropped": cache.meta["dropped"], "samples_skipped": cache.meta["skipped"],
-             "samples_by_source": {s["name"]: {"samples": s["samples"], "per_epoch": int(n), "skipped": s["skipped"],
-                                               "longer_than_max_seq_len": s["longer_than_max_seq_len"]}
-                                   for s, n in zip(cache.meta["sources"],
-                                                   np.bincount(cache.source[plan.epoch_samples(0)], None,
-                                                               n_sources))},
-             "export": str(hf_dir)}
+             "samples_by_source": by_source, "export": str(hf_dir)}
     if eval_cache:
         extra["eval_samples_dropped"] = eval_cache.meta["dropped"]
     if tc.heldout_file and d.rank == 0:
