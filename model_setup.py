@@ -206,6 +206,9 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=kw["dtype"], bnb_4bit_quant_storage=kw["dtype"])
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, quantization_config=q, device_map={"": device}, **kw)
+        for m in lm.modules():  # bitsandbytes repacks a CPU weight in place on its first no-grad forward in eval
+            if hasattr(m, "support_avx512bf16_for_cpu"):  # mode; FSDP2 would all-gather the old layout into it next
+                m.support_avx512bf16_for_cpu = False
     else:
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
     if cfg.gradient_checkpointing:

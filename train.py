@@ -212,6 +212,7 @@ def main(argv: list[str]):
         eval_plan = sampler.MultipackPlan(eval_cache.lengths, eval_cfg, d.world_size, d.rank, tc.seed)
         eval_plan = eval_plan.plan(0, 0)[d.rank]
     caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
+    model.train()  # from_pretrained returns the model in eval mode: no dropout, and bitsandbytes' inference paths
 
     for step in range(state["step"], total_steps):
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import config
 import train
-from conftest import LORA, QS_CONFIG, ROOT, VARIANTS, metrics, run_args, strategy_args, torchrun
+from conftest import LORA, QS_CONFIG, ROOT, VARIANTS, metrics, run_args, strategy_args, torchrun, write_jsonl
 
 def assert_same_losses(ref, got, rtol=1e-4):
     assert len(ref) == len(got) == 5
@@ -115,9 +115,12 @@ def qlora(runs):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "data/quickstart/model")).save_pretrained(base)
     AutoTokenizer.from_pretrained(ROOT / "data/quickstart/model").save_pretrained(base)
-    over = LORA | {"model.path": str(base), "model.random_init": "false", "model.load_in_4bit": "true",
-                   "train.lr": 1e-2, "train.max_steps": 6, "checkpoint.save_every_steps": 3}
     data = str(runs / "data.jsonl")
+    held = write_jsonl(runs / "qeval.jsonl", open(data).read().splitlines()[:16])
+    # an evaluation (eval mode, no grad) between steps must leave the 4-bit weights as they were
+    over = LORA | {"model.path": str(base), "model.random_init": "false", "model.load_in_4bit": "true",
+                   "train.lr": 1e-2, "train.max_steps": 6, "checkpoint.save_every_steps": 3,
+                   "data.eval_files": f"[{held}]", "train.eval_every_steps": 2}
     torchrun(0, strategy_args(runs, data, "qlora_single", over) + ["--train.max_steps=6"])
     torchrun(2, strategy_args(runs, data, "qlora_fsdp2", over | {"sharding.strategy": "fsdp2"})
              + ["--train.max_steps=6"])
@@ -129,7 +132,9 @@ def test_qlora_trains_adapters_only_and_exports(qlora, name):
     rows = metrics(qlora / name)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3  # it learns
     ref = metrics(qlora / "qlora_single")
-    assert all(abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"] for a, b in zip(ref, rows))
+    for key in "loss", "eval_loss":
+        assert all(abs(a[key] - b[key]) <= 1e-4 * a[key] for a, b in zip(ref, rows) if key in a)
+    assert sum("eval_loss" in m for m in rows) == 3
     hf = qlora / name / "hf"
     base16 = AutoModelForCausalLM.from_pretrained(qlora / "qbase").eval()
     before = {n: p.clone() for n, p in base16.named_parameters()}
