@@ -90,6 +90,8 @@ model = sharding.shard_model(model, sharding.ShardingConfig(strategy="fsdp2", co
 local = sum(p.to_local().numel() for p in model.parameters())
 with open(f"{out}/rank{{d.rank}}.json", "w") as f:  # one file per rank: printed lines can interleave
     json.dump({{"meta_before_sharding": on_meta, "local": local, "total": total}}, f)
+del model  # freed at interpreter exit, its sharded tensors can abort the process (gloo threads)
+torch.distributed.destroy_process_group()
 """
 
 
