@@ -13,6 +13,7 @@ counts `loss_tokens` and `source` ids, and `meta.json` (counts per source, skips
 """
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-CACHE_VERSION = 2  # bump when the tokenization logic changes, so old caches are not reused
+CACHE_VERSION = 3  # bump when the tokenization logic changes, so old caches are not reused
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
                   "assistant": "assistant"}
@@ -153,6 +154,9 @@ def normalize(messages) -> list[dict]:
             raise BadSample("unknown_role", f"messages[{j}] has role {m.get('role')!r}; expected one of "
                                             f"{', '.join(ROLES)}")
         m = {k: v for k, v in m.items() if v is not None} | {"content": _content(m, j)}
+        reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+        if reasoning is not None:  # under both names templates read it by, as apply_chat_template passes it
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         for key, tp in (("tool_calls", list), ("reasoning_content", str), ("train", bool)):
             if key in m and not isinstance(m[key], tp):
                 raise BadSample("wrong_type", f"messages[{j}].{key} must be a {tp.__name__}")
@@ -170,9 +174,15 @@ _FOOTERS: dict[str, str] = {}  # chat template -> what it writes after the last 
 
 
 def _render(tokenizer, messages, tools, generation_prompt=False) -> str:
+    """What tokenizer.apply_chat_template(messages, tokenize=False) returns for `normalize`d messages, from the
+    template it compiles (and caches), without re-checking and copying the messages on each of the several
+    renders of a conversation."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
     try:
-        return tokenizer.apply_chat_template([{k: v for k, v in m.items() if k != "train"} for m in messages],
-                                             tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        return _compile_jinja_template(tokenizer.chat_template).render(
+            messages=[{k: v for k, v in m.items() if k != "train"} for m in messages], tools=tools, documents=None,
+            add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
     except Exception as e:  # jinja's TemplateError, or any error the template's own code raises
         raise BadSample("template_error", f"the chat template raised: {e}") from None
 
@@ -290,28 +300,32 @@ def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
     return conversation_pieces(normalize(FORMATS[fmt](record)), tokenizer, tools)
 
 
-def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> list[dict]:
-    """Pieces -> {"input_ids", "labels"}, all pieces of all samples in one batch call of the tokenizer. Pieces
-    are tokenized separately, so token boundaries are those of inference (the prompt is tokenized, the answer
-    generated after it)."""
-    flat = [text for s in samples for text, _ in s]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    out, k = [], 0
-    for s in samples:
-        sample = {"input_ids": [], "labels": []}
-        for _, trained in s:
-            sample["input_ids"] += ids[k]
-            sample["labels"] += ids[k] if trained else [-100] * len(ids[k])
-            k += 1
-        out.append(sample)
-    return out
+def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pieces -> (input_ids, loss_mask) of all samples end to end and the samples' offsets (n + 1), from one batch
+    call of the tokenizer (a fast tokenizer's own, which skips offsets and per-text wrappers). Pieces are tokenized
+    separately, so token boundaries are those of inference (the prompt is tokenized, the answer generated)."""
+    texts = [text for s in samples for text, _ in s]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not texts:
+        pieces = []
+    elif backend is None:
+        pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        pieces = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    n = np.array([len(p) for p in pieces], np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(pieces), np.int32, int(n.sum()))
+    mask = np.repeat(np.array([trained for s in samples for _, trained in s], np.uint8), n)
+    piece_offsets = np.concatenate([[0], np.cumsum(n)])
+    return ids, mask, piece_offsets[np.concatenate([[0], np.cumsum([len(s) for s in samples])])]
 
 
 def tokenize_sample(sample: dict, tokenizer, fmt: str | None = None) -> dict | list[dict]:
     """One record (of any format in FORMATS; detected when `fmt` is None) -> {"input_ids": [...], "labels": [...]},
     labels aligned with input_ids (not shifted), -100 where not trained; or a list of such dicts when the masking
     rule makes several samples of one conversation. Raises BadSample."""
-    out = _encode(_pieces(sample, tokenizer, fmt or detect_format(sample)), tokenizer)
+    ids, mask, offsets = _encode(_pieces(sample, tokenizer, fmt or detect_format(sample)), tokenizer)
+    labels = np.where(mask.view(bool), ids, -100)
+    out = [{"input_ids": ids[a:b].tolist(), "labels": labels[a:b].tolist()} for a, b in zip(offsets, offsets[1:])]
     return out[0] if len(out) == 1 else out
 
 
@@ -320,6 +334,18 @@ def tokenize_sample(sample: dict, tokenizer, fmt: str | None = None) -> dict | l
 def sources(entries: list) -> list[Source]:
     """data.train_files / eval_files entries as Sources (a bare path is a Source of weight 1)."""
     return [e if isinstance(e, Source) else Source(path=e) for e in entries]
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a path that does not exist here reads as a Hugging Face Hub id (owner/name)."""
+    return not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~")) \
+        and Path(path).suffix not in FILE_TYPES
+
+
+def check_paths(entries: list, key: str) -> list[str]:
+    """Problems with the sources of `key` that can be seen before reading them: local paths that do not exist."""
+    return [f"{key}: {src.path} does not exist (and is not a hub dataset id, owner/name)"
+            for src in sources(entries) if not Path(src.path).exists() and not is_hub_id(src.path)]
 
 
 def _files(path: Path) -> list[Path]:
@@ -356,7 +382,7 @@ def _load(src: Source, tmp: Path):
                 ds = ds["train"]
             return ds, False
         if not path.exists():
-            if path.suffix in FILE_TYPES or path.is_absolute() or src.path.count("/") != 1:
+            if not is_hub_id(src.path):
                 raise DataError(f"{src.path}: no such file or directory")
             print(f"{src.path}: not a local path; loading it from the Hugging Face Hub", flush=True)
             return datasets.load_dataset(src.path, split="train", cache_dir=str(tmp / "hf")), False
@@ -388,32 +414,35 @@ def _parse(raw, line_based: bool):
         raise BadSample("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based: bool, eot: int) -> dict:
-    """datasets.map function: records -> output rows (one per sample; one per bad record, with its reason)."""
+def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based: bool, eot: int):
+    """datasets.map function: records -> an Arrow table of output rows (one per sample; one per bad record, with
+    no tokens and its reason), built from flat arrays for the whole batch."""
+    import pyarrow as pa
+
     keys = list(batch)
-    out = {"input_ids": [], "loss_mask": [], "row": [], "reason": [], "message": [], "trains_eot": []}
-    good, owner = [], []
+    rows, reasons, messages, samples = [], [], [], []
     for n, values in zip(indices, zip(*batch.values())):
         raw = values[0] if line_based else dict(zip(keys, values))
         if line_based and not raw.strip():
             continue  # a blank line is no sample
         try:
-            samples = _pieces(_parse(raw, line_based), tokenizer, fmt)
+            pieces = _pieces(_parse(raw, line_based), tokenizer, fmt)
         except BadSample as e:
-            for k, v in (("input_ids", []), ("loss_mask", []), ("row", n), ("reason", e.reason), ("message", str(e)),
-                         ("trains_eot", False)):
-                out[k].append(v)
-            continue
-        good += samples
-        owner += [n] * len(samples)
-    for n, s in zip(owner, _encode(good, tokenizer)):
-        out["input_ids"].append(s["input_ids"])
-        out["loss_mask"].append([int(x != -100) for x in s["labels"]])
-        out["row"].append(n)
-        out["reason"].append("")
-        out["message"].append("")
-        out["trains_eot"].append(any(x == eot for x in s["labels"]))
-    return out
+            pieces, reason, message = [[]], e.reason, str(e)
+        else:
+            reason = message = ""
+        rows += [n] * len(pieces)
+        reasons += [reason] * len(pieces)
+        messages += [message] * len(pieces)
+        samples += pieces
+    ids, mask, offsets = _encode(samples, tokenizer)
+    offsets = offsets.astype(np.int32)
+    eots = np.concatenate([[0], np.cumsum((ids == eot) & mask.view(bool))])
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
+                     "loss_mask": pa.ListArray.from_arrays(offsets, mask),
+                     "row": pa.array(rows, pa.int64()), "reason": pa.array(reasons, pa.string()),
+                     "message": pa.array(messages, pa.string()),
+                     "trains_eot": pa.array(eots[offsets[1:]] > eots[offsets[:-1]])})
 
 
 def _detect(ds, line_based: bool) -> str:
@@ -541,7 +570,7 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
 
 
 def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Copies the kept samples of every mapped source, in order, into the flat memory-mapped arrays; returns the
+    """Copies the kept samples of every mapped source, in order, into the flat arrays of the cache; returns the
     samples' lengths and supervised target counts."""
     import pyarrow.compute as pc
 
@@ -550,9 +579,9 @@ def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.nda
     if not len(lengths):
         raise DataError(f"no sample left to train (all skipped or longer than data.max_seq_len={cfg.max_seq_len})")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.lib.format.open_memmap(tmp / "input_ids.npy", "w+", np.int32, (int(offsets[-1]),))
-    mask = np.lib.format.open_memmap(tmp / "loss_mask.npy", "w+", np.uint8, (int(offsets[-1]),))
-    loss_tokens, source, pos = [], [], 0
+    ids, mask = (_npy_file(tmp / name, dtype, int(offsets[-1])) for name, dtype in (("input_ids.npy", np.int32),
+                                                                                    ("loss_mask.npy", np.uint8)))
+    loss_tokens, source = [], []
     for table, keep, s in mapped:
         start = 0
         for batch in table.to_batches(max_chunksize=4096):
@@ -563,19 +592,28 @@ def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.nda
                 continue
             flat_ids = batch["input_ids"].flatten().to_numpy()
             flat_mask = batch["loss_mask"].flatten().to_numpy()
-            ids[pos:pos + len(flat_ids)], mask[pos:pos + len(flat_ids)] = flat_ids, flat_mask
+            ids.write(flat_ids.astype(np.int32, copy=False).tobytes())
+            mask.write(flat_mask.astype(np.uint8, copy=False).tobytes())
             # supervised targets per sample after the per-sample shift: a sample's first token is never a target
             starts = batch["input_ids"].offsets.to_numpy()[:-1] - batch["input_ids"].offsets[0].as_py()
             trained = np.add.reduceat(flat_mask.astype(np.int64), starts) - flat_mask[starts]
             loss_tokens.append(trained)
             source.append(np.full(len(batch), s, np.int32))
-            pos += len(flat_ids)
-    ids.flush(), mask.flush()
+    ids.close(), mask.close()
     loss_tokens = np.concatenate(loss_tokens).astype(np.int64)
     np.save(tmp / "offsets.npy", offsets)
     np.save(tmp / "loss_tokens.npy", loss_tokens)
     np.save(tmp / "source.npy", np.concatenate(source))
     return lengths, loss_tokens
+
+
+def _npy_file(path: Path, dtype, n: int):
+    """An open .npy file of n values, its header written: the values are appended as they come (written, not
+    memory-mapped, so they do not stay resident in this process)."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": (n,)})
+    return f
 
 
 def _meta(sources: list[dict], lengths: np.ndarray, loss_tokens: np.ndarray, key: str, eot_text: str) -> dict:

@@ -104,7 +104,8 @@ def family_tokenizer(family: str):
         tok.chat_template = (ROOT / "tests/templates/harmony.jinja").read_text()
         return tok
     meta = json.loads((TEMPLATES / "tokens.json").read_text())
-    spec = meta.get(family) or meta[family.split("_")[0]] | {"template_file": meta["_variants"][family]["template_file"]}
+    spec = meta.get(family) or (meta[family.split("_")[0]]
+                                | {"template_file": meta["_variants"][family]["template_file"]})
     special = {f"{k}_token": spec[k] for k in ("bos", "eos", "pad", "unk") if spec.get(k)}
     extra = [t for t in spec.get("special_tokens", []) + spec.get("other_markup", []) if t not in special.values()]
     tok.add_special_tokens(special | {"additional_special_tokens": extra})

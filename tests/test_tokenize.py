@@ -38,7 +38,8 @@ CHATS = {
 CALL = {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOL_DEFS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL]},
              {"role": "tool", "content": "18 C, sunny", "tool_call_id": "call00001"},
              {"role": "assistant", "content": "It is 18 C and sunny."}]
 
@@ -93,6 +94,26 @@ def test_masks_are_exact_on_real_templates(family, chat):
     expected = [before + m["content"] + after for m in messages if m["role"] == "assistant"]
     assert trained_runs(tok, out) == expected
     check_sample_texts(tok, messages, out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_render_is_apply_chat_template(family):
+    """_render calls the template transformers compiles, not apply_chat_template: same text, same errors."""
+    tok = family_tokenizer(family)
+    chats = [([SYSTEM] + CHATS["multi"], None), (TOOL_CHAT, TOOL_DEFS),
+             ([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning": "R"}], None)]
+    for chat, tools in chats:
+        for cut in range(1, len(chat) + 1):
+            for gen in (False, True):
+                try:
+                    expected = tok.apply_chat_template(chat[:cut], tools=tools, tokenize=False,
+                                                       add_generation_prompt=gen)
+                except Exception:
+                    with pytest.raises(BadSample, match="the chat template raised"):
+                        tokenize_data._render(tok, tokenize_data.normalize(chat[:cut] + [chat[-1]])[:cut], tools, gen)
+                    continue
+                got = tokenize_data._render(tok, tokenize_data.normalize(chat[:cut] + [chat[-1]])[:cut], tools, gen)
+                assert got == expected
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_initial_release", "harmony"])
