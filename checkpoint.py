@@ -15,10 +15,12 @@ adapter and `hf/merged/` the model with the adapters merged into its 16-bit base
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +49,6 @@ class ResumeError(ValueError):
     pass
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _state_dicts(model: nn.Module, optimizer) -> dict:
     """FQN-keyed model and optimizer state; sharded (DTensor) under FSDP2. Frozen weights are left out: a LoRA
     run rebuilds its base from model.path (or the seed) exactly as it did at the start."""
@@ -60,15 +57,21 @@ def _state_dicts(model: nn.Module, optimizer) -> dict:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and numbers only, so it loads with torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": (version, torch.tensor(mt), gauss), "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_pos": pos, "numpy_gauss": (has_gauss, cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         *state["numpy_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -113,52 +116,131 @@ def catch_preemption() -> dict:
     return caught
 
 
+class SaveError(RuntimeError):
+    pass
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _all_ok(ok: bool) -> bool:
+    """Whether every rank is ok; also a barrier."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def verify(path: Path) -> str | None:
+    """None when every file the checkpoint's manifest lists is there with its size and checksum; else what is
+    wrong, naming the file."""
+    manifest = path / "manifest.json"
+    try:
+        files = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        return f"{manifest} is missing or unreadable ({type(e).__name__}): the save did not complete"
+    for name, (size, crc) in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, {size} were written (truncated)"
+        if _crc32(f) != crc:
+            return f"{f} does not match its checksum (corrupted)"
+    return None
+
+
 def save(output_dir: Path, step: int, model: nn.Module, optimizer, state: dict, config_text: str,
          cfg: CheckpointConfig, rank: int) -> Path:
-    """Every rank calls it. `state` (JSON) is the trainer's: step, sampler position, counters."""
+    """Every rank calls it. `state` (JSON) is the trainer's: step, sampler position, counters. The manifest (size
+    and CRC32 of every file) is written last, before the rename. If any rank cannot write (disk full, permission),
+    the partial directory is removed, `latest` keeps naming the previous checkpoint and SaveError is raised on
+    every rank."""
     t0 = time.perf_counter()
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    error = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a save that crashed
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = e
+    if _all_ok(error is None):
+        try:
+            if sharding.is_deepspeed(model):
+                model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
+            else:
+                dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / "dcp")
+            torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+            if rank == 0:
+                (tmp / "config.yaml").write_text(config_text)
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        except (OSError, dcp.CheckpointException) as e:
+            error = e
+    if not _all_ok(error is None):  # every rank's files are complete, or some rank failed
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+        lost = f"steps {int(last[5:]) + 1}-{step}" if last else f"all {step} steps"
+        raise SaveError(f"saving {final} failed ({error or 'on another rank'}); {lost} are lost: `latest` still "
+                        f"names {last or 'no checkpoint'}; free space or fix the permission, then run the same "
+                        "command again to resume from there")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a save that crashed
-        tmp.mkdir(parents=True)
-    _barrier()
-    if sharding.is_deepspeed(model):
-        model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
-    else:
-        dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / "dcp")
-    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        (tmp / "config.yaml").write_text(config_text)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    _barrier()  # every rank's files are complete
-    if rank == 0:
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        manifest = {str(f.relative_to(tmp)): [f.stat().st_size, _crc32(f)] for f in files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=0))
         _replace_dir(tmp, final)
         _write_latest(root, final.name)
         _rotate(root, cfg.keep_last)
-        size_mib = sum(f.stat().st_size for f in final.rglob("*") if f.is_file()) / 2**20
+        size_mib = sum(size for size, _ in manifest.values()) / 2**20
         print(f"saved {final} ({size_mib:.1f} MiB) in {time.perf_counter() - t0:.1f}s", flush=True)
-    _barrier()
+    sharding.wait_for_rank0()  # the checksums take rank 0 a while on a large checkpoint
     return final
+
+
+def _state(path: Path) -> dict:
+    state = json.loads((path / "trainer_state.json").read_text())
+    return state | {"config": yaml.safe_load((path / "config.yaml").read_text())}
 
 
 def find(output_dir: Path, cfg: CheckpointConfig) -> tuple[Path, dict] | None:
     """The checkpoint that `checkpoint.resume` asks for and its trainer state (with the saved config under
-    "config"), or None to start afresh. Reads no tensors: the caller checks the state before loading a model."""
+    "config"), or None to start afresh; rank 0 alone calls it. Each candidate is verified against its manifest:
+    with `auto`, a damaged newest checkpoint is renamed to step-N.damaged (kept, never deleted) and the newest
+    intact one before it is taken. Reads no tensors into memory."""
     if cfg.resume == "never":
         return None
-    if cfg.resume == "auto":
-        latest = Path(output_dir) / "checkpoints" / "latest"
-        if not latest.exists():
-            return None
-        path = latest.parent / latest.read_text().strip()
-        fix = "set checkpoint.resume to another checkpoints/step-N directory, or never"
-    else:
-        path, fix = Path(cfg.resume), "give a checkpoints/step-N directory, auto or never"
-    if not (path / "trainer_state.json").is_file():
-        raise ResumeError(f"checkpoint.resume: {path} is missing or not a complete checkpoint; {fix}")
-    state = json.loads((path / "trainer_state.json").read_text())
-    return path, state | {"config": yaml.safe_load((path / "config.yaml").read_text())}
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if problem := verify(path):
+            raise ResumeError(f"checkpoint.resume: {path} cannot be used: {problem}; give another checkpoints/step-N "
+                              "directory, auto or never")
+        return path, _state(path)
+    root = Path(output_dir) / "checkpoints"
+    if not (root / "latest").exists():
+        return None
+    latest = root / (root / "latest").read_text().strip()
+    older = [p for p in root.glob("step-*") if p.name[5:].isdigit() and int(p.name[5:]) < int(latest.name[5:])]
+    damaged = []
+    for path in [latest] + sorted(older, key=lambda p: -int(p.name[5:])):
+        if not (problem := verify(path)):
+            if damaged:
+                print(f"resuming from {path}, the newest intact checkpoint", flush=True)
+            return path, _state(path)
+        damaged.append(f"{path.name}: {problem}")
+        if path.exists():
+            aside = path.with_name(path.name + ".damaged")
+            path.rename(aside if not aside.exists() else aside.with_name(f"{aside.name}-{time.time_ns()}"))
+        print(f"checkpoint {path} is damaged ({problem}); kept as {path.name}.damaged", flush=True)
+    raise ResumeError(f"no intact checkpoint under {root}:\n  " + "\n  ".join(damaged) + "\n  set "
+                      "checkpoint.resume: never to start afresh, or to the path of a checkpoint from elsewhere")
 
 
 def load(path: Path, model: nn.Module, optimizer, rank: int):
@@ -174,7 +256,11 @@ def load(path: Path, model: nn.Module, optimizer, rank: int):
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
     if (path / f"rng-rank{rank}.pt").exists():
-        _set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=False))
+        try:  # weights_only: tensors and numbers, never pickled code, even from a checkpoint made elsewhere
+            _set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=True))
+        except pickle.UnpicklingError as e:
+            raise ResumeError(f"{path / f'rng-rank{rank}.pt'} holds more than tensors and numbers; refused to load it "
+                              f"({str(e).splitlines()[0]})") from None
 
 
 def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size: str):
@@ -221,5 +307,5 @@ def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, max_shar
             _save_merged(model.lm, state, tmp / "merged", max_shard_size)
             tokenizer.save_pretrained(tmp / "merged")
         _replace_dir(tmp, final)
-    _barrier()
+    sharding.wait_for_rank0()  # rank 0 wrote the export
     return final

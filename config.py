@@ -101,13 +101,17 @@ def load(path: str, sections: dict[str, type], overrides: list[str] = ()) -> dic
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(sections)})")
+    overridden = set()
     for section, values in parse_overrides(list(overrides)).items():
         raw.setdefault(section, {})
         if isinstance(raw[section], dict):
             raw[section].update(values)
+        overridden |= {f"{section}.{key}" for key in values} | ({section} if section not in lines else set())
     problems, out = [], {}
 
     def at(key):
+        if key in overridden:
+            return f"command line: --{key}"
         return f"{path}:{lines[key]}: {key}" if key in lines else f"{path}: {key}"
 
     for section, body in raw.items():

@@ -12,6 +12,7 @@ N_step counts the supervised tokens of the whole step over all ranks: the mean t
 import math
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -46,19 +47,41 @@ class Dist:
     local_world_size: int = 1  # ranks on this node
 
 
-def init_distributed() -> Dist:
-    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE once; multi-node works through torchrun's rendezvous."""
+def init_distributed(timeout_s: float = 300) -> Dist:
+    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE once; multi-node works through torchrun's rendezvous. Creating
+    the group and every collective fail after `timeout_s` instead of waiting on a stalled rank."""
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(seconds=timeout_s))
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    global _RANK0_WORK  # waiting for work only rank 0 does (tokenizing, verifying, writing) is not bounded
+    _RANK0_WORK = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device, int(os.environ["LOCAL_WORLD_SIZE"]))
+
+
+_RANK0_WORK = None
+
+
+def wait_for_rank0(obj=None):
+    """Every rank calls it; returns rank 0's `obj` once rank 0 gets there, however long its work took (a plain
+    collective would time out after train.collective_timeout_s). Without a process group it returns `obj`."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_RANK0_WORK)
+    return box[0]
+
+
+def collective_failed(e: BaseException) -> bool:
+    """Whether `e` is a collective that timed out or lost its peer (gloo raises these as plain RuntimeErrors)."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("Timed out", "timed out", "Connection closed",
+                                                                       "Connection reset"))
 
 
 def _apply_lora(model: nn.Module, cfg: ShardingConfig):

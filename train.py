@@ -45,6 +45,8 @@ class TrainConfig:
     seed: int = 42  # model init, data order and every other random choice
     eval_every_steps: int = 0  # eval loss on data.eval_files every N steps; it is always computed at the end
     heldout_file: str = ""  # chat JSONL; after export, report greedy exact match on its last messages
+    collective_timeout_s: float = 300  # a collective (or the process group's creation) that waits longer than
+    #   this on a stalled or dead rank ends the job, naming the step and phase
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped early, run again to continue
@@ -70,10 +72,29 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.lr_schedule])
 
 
-def _check_combinations(cfg: dict):
-    """Settings that cannot work together, refused at start-up with what to change."""
+# (key, lowest, highest, whether the lowest is allowed): numbers out of range are refused at start-up
+RANGES = [("train.lr", 0, None, False), ("train.epochs", 1, None, True), ("train.max_steps", 0, None, True),
+          ("train.warmup_steps", 0, None, True), ("train.min_lr_ratio", 0, 1, True),
+          ("train.weight_decay", 0, None, True), ("train.beta2", 0, 1, True), ("train.max_grad_norm", 0, None, True),
+          ("train.eval_every_steps", 0, None, True), ("train.collective_timeout_s", 0, None, False),
+          ("sharding.lora_rank", 0, None, True), ("sharding.lora_alpha", 0, None, False),
+          ("sharding.lora_dropout", 0, 1, True), ("sampler.batch_size", 1, None, True),
+          ("sampler.max_tokens_per_rank", 1, None, True), ("data.max_seq_len", 1, None, True),
+          ("data.num_proc", 1, None, True), ("checkpoint.save_every_steps", 0, None, True),
+          ("checkpoint.keep_last", 0, None, True), ("logging.log_every_steps", 1, None, True)]
+
+
+def _check_settings(cfg: dict):
+    """Settings out of range or that cannot work together, refused at start-up with what to change."""
     m, sh = cfg["model"], cfg["sharding"]
-    problems = [
+    problems = [(f"{key}: {v} is out of range; it must be {'>=' if closed else '>'} {low}"
+                 + (f" and <= {high}" if high is not None else ""))
+                for key, low, high, closed in RANGES
+                for v in [getattr(cfg[key.split(".")[0]], key.split(".")[1])]
+                if v < low or (v == low and not closed) or (high is not None and v > high)]
+    problems += [f"data.train_files: {s.path} has weight {s.weight}; weights must be > 0"
+                 for s in tokenize_data.sources(cfg["data"].train_files) if s.weight <= 0]
+    combinations = [
         (m.load_in_4bit and m.random_init, "model.load_in_4bit quantizes weights as they are read: set "
          "model.random_init: false and model.path to a directory with weights"),
         (m.load_in_4bit and not sh.lora_rank, "model.load_in_4bit: 4-bit weights cannot be trained; set "
@@ -85,8 +106,38 @@ def _check_combinations(cfg: dict):
         (sh.strategy == "fsdp2" and "RANK" not in os.environ, "sharding.strategy: fsdp2 needs torchrun "
          "(torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
     ]
-    if msgs := [msg for bad, msg in problems if bad]:
-        sys.exit("error: " + "\n       ".join(msgs))
+    problems += [msg for bad, msg in combinations if bad]
+    if problems:
+        sys.exit("error: " + "\n       ".join(problems))
+
+
+def _check_paths(cfg: dict):
+    """What the run reads and writes, checked before any weights are read or any process group is made."""
+    path, problems = cfg["model"].path, []
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            problems.append(f"model.path: {path} has no config.json; point it at a Hugging Face model directory")
+        if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            problems.append(f"model.path: {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    elif tokenize_data.is_hub_id(path):
+        print0(f"model.path: {path} is not a local directory; it is fetched from the Hugging Face Hub")
+    else:
+        problems.append(f"model.path: {path or '(empty)'} does not exist; give a model directory or a hub id "
+                        "(owner/name)")
+    for key in ("train_files", "eval_files"):
+        problems += tokenize_data.check_paths(getattr(cfg["data"], key), f"data.{key}")
+    if cfg["train"].heldout_file and not Path(cfg["train"].heldout_file).is_file():
+        problems.append(f"train.heldout_file: {cfg['train'].heldout_file} does not exist; set it to '' to skip")
+    out = Path(cfg["train"].output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".writable-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"train.output_dir: {out} cannot be written ({e.strerror}); choose another directory")
+    if problems:
+        sys.exit("error: " + "\n       ".join(problems))
 
 
 # A resumed run must go on training the same model on the same data in the same order; anything else may change
@@ -114,10 +165,15 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
 def _resume_point(out: Path, cfg: dict, cache: tokenize_data.TokenCache, d: sharding.Dist) -> tuple | None:
     """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint cannot continue
     this run. Prints every setting that changed since it was saved."""
-    try:
-        found = checkpoint.find(out, cfg["checkpoint"])
-    except checkpoint.ResumeError as e:
-        sys.exit(f"error: {e}")
+    found = None
+    if d.rank == 0:  # one rank verifies the checkpoints (and sets a damaged one aside); all get its choice
+        try:
+            found = checkpoint.find(out, cfg["checkpoint"])
+        except checkpoint.ResumeError as e:
+            found = e
+    found = sharding.wait_for_rank0(found)
+    if isinstance(found, Exception):
+        sys.exit(f"error: {found}")
     if not found:
         return None
     path, state = found
@@ -146,10 +202,7 @@ def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding
             path = tokenize_data.build_cache(getattr(cfg, key), tokenizer, cfg, f"data.{key}")
         except tokenize_data.DataError as e:
             path = e
-    if d.world_size > 1:
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        path = box[0]
+    path = sharding.wait_for_rank0(path)
     if isinstance(path, Exception):
         sys.exit(f"error: {path}")
     cache = tokenize_data.TokenCache(path)
@@ -160,8 +213,24 @@ def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding
 def main(argv: list[str]):
     cfg = config.cli(SECTIONS, argv)
     tc = cfg["train"]
-    _check_combinations(cfg)
-    d = sharding.init_distributed()
+    _check_settings(cfg)
+    _check_paths(cfg)
+    d = sharding.init_distributed(tc.collective_timeout_s)
+    try:
+        _train(cfg, d)
+    except RuntimeError as e:  # a collective that timed out or lost a rank ends the job, naming where
+        if not sharding.collective_failed(e):
+            raise
+        sys.exit(f"error: rank {d.rank} at step {WHERE['step']} ({WHERE['phase']}): a collective failed "
+                 f"({str(e).splitlines()[0][-200:]}); another rank stalled or died (see its output), or "
+                 f"train.collective_timeout_s={tc.collective_timeout_s:g} is too short")
+
+
+WHERE = {"step": 0, "phase": "set-up"}  # what the loop is doing, for the message when a collective fails
+
+
+def _train(cfg: dict, d: sharding.Dist):
+    tc = cfg["train"]
     out = Path(tc.output_dir)
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +244,11 @@ def main(argv: list[str]):
     cache = _token_cache(cfg["data"], "train_files", tokenizer, d)
     eval_cache = _token_cache(cfg["data"], "eval_files", tokenizer, d) if cfg["data"].eval_files else None
     weights = [s.weight for s in tokenize_data.sources(cfg["data"].train_files)]
-    plan = sampler.MultipackPlan(cache.lengths, cfg["sampler"], d.world_size, d.rank, tc.seed, cache.source, weights)
+    try:
+        plan = sampler.MultipackPlan(cache.lengths, cfg["sampler"], d.world_size, d.rank, tc.seed, cache.source,
+                                     weights)
+    except ValueError as e:  # a sample longer than the micro-batch cap, or weights that leave no sample
+        sys.exit(f"error: {e}")
     n_sources = len(cache.source_names)
     total_steps = tc.max_steps or tc.epochs * plan.steps_per_epoch
     cap = cfg["sampler"].max_tokens_per_rank
@@ -201,7 +274,10 @@ def main(argv: list[str]):
     state = {"step": 0}
     if resume:
         t0 = time.perf_counter()
-        checkpoint.load(resume[0], model, optimizer, d.rank)
+        try:
+            checkpoint.load(resume[0], model, optimizer, d.rank)
+        except checkpoint.ResumeError as e:
+            sys.exit(f"error: {e}")
         print0(f"loaded {resume[0]} in {time.perf_counter() - t0:.1f}s", rank=d.rank)
         state = resume[1]
         plan.load_state_dict(state["sampler"])
@@ -225,6 +301,7 @@ def main(argv: list[str]):
         loss_sum, data_wait_s = torch.zeros((), device=d.device), 0.0
         source_sums = torch.zeros(n_sources, device=d.device)  # token losses summed per data source
         micro_batches = step_plan[d.rank]
+        WHERE.update(step=step + 1, phase="forward/backward")
         for j, mb in enumerate(micro_batches):
             t_data = time.perf_counter()
             batch = sampler.collate([cache[i] for i in mb], d.device)
@@ -237,6 +314,7 @@ def main(argv: list[str]):
             # of sum(token losses of the step, all ranks) / n_step
             sharding.backward(model, micro_loss * (d.world_size / max(n_step, 1)), j == len(micro_batches) - 1)
             loss_sum += micro_loss.detach()
+        WHERE["phase"] = "reduce"
         sharding.reduce_gradients(model, cfg["sharding"], d)
         # one collective for the step's loss, whether any rank was asked to stop, and the per-source sums
         reduced = torch.cat([torch.stack([loss_sum, torch.tensor(float(bool(caught)), device=d.device)]),
@@ -246,6 +324,7 @@ def main(argv: list[str]):
         # Host syncs, meant: the loss, the stop flag and the gradient norm, global, so all ranks decide alike.
         loss_sum, stop, *source_sums = reduced.tolist()
         loss = loss_sum / max(n_step, 1)
+        WHERE["phase"] = "step"
         grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         plan.epoch, plan.step = divmod(step + 1, plan.steps_per_epoch)
@@ -263,6 +342,7 @@ def main(argv: list[str]):
             m["loss_by_source"] = {name: source_sums[s] / source_tokens[s] for name, s in present}
             m["loss_tokens_by_source"] = {name: int(source_tokens[s]) for name, s in present}
         if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
+            WHERE["phase"] = "eval"
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, d)
         log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))
         if not finite:
@@ -270,13 +350,18 @@ def main(argv: list[str]):
         if last_step or stop or (every and (step + 1) % every == 0):
             trainer_state = {"step": step + 1, "sampler": plan.state_dict(), "metrics": log.state_dict(),
                              "data": cache.path.name, "world_size": d.world_size}
-            path = checkpoint.save(out, step + 1, model, optimizer, trainer_state, config.dump(cfg),
-                                   cfg["checkpoint"], d.rank)
+            WHERE["phase"] = "save"
+            try:
+                path = checkpoint.save(out, step + 1, model, optimizer, trainer_state, config.dump(cfg),
+                                       cfg["checkpoint"], d.rank)
+            except checkpoint.SaveError as e:
+                sys.exit(f"error: {e}")
         if stop and not last_step:
             print0(f"stopped at step {step + 1} of {total_steps} ({caught.get('signal', 'another rank was signalled')})"
                    f"; saved {path}; run the same command again to resume", rank=d.rank)
             sys.exit(PREEMPTED_EXIT_CODE)
 
+    WHERE["phase"] = "export"
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank)
     per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, n_sources)  # after the weights
     by_source = {s["name"]: {k: s[k] for k in ("samples", "skipped", "longer_than_max_seq_len")} | {"per_epoch": int(n)}

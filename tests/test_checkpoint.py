@@ -3,9 +3,12 @@ crashed in the middle of a save, a run resumes to bit-identical losses and weigh
 continues the same data order. Exports reload with the logits of the model in memory. Faults are injected by
 tests/faults.py."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,6 +52,11 @@ def with_fault(nproc: int, args: list[str], fault: str, rank: int | None = None)
                        env=env)
     assert p.returncode != 0, p.stdout[-2000:]
     return p
+
+
+def our_traceback(text: str) -> bool:
+    """A traceback through the trainer's files (torchrun prints its own ChildFailedError one when a rank fails)."""
+    return f'File "{ROOT}/' in text
 
 
 def latest(run) -> str:
@@ -160,7 +168,92 @@ def test_bad_resume_settings_are_refused_with_the_fix(tmp, ref):
     assert "sampler.batch_size: 32 in the checkpoint, 16 now" in msg and "token cache differs" in msg
     assert "sharding.strategy: 'fsdp2' in the checkpoint, 'deepspeed' now" in msg
     assert "checkpoint.resume: never" in msg
-    assert "not a complete checkpoint" in resume_point(**{"checkpoint.resume": tmp / "nowhere"})
+    assert "nowhere cannot be used" in resume_point(**{"checkpoint.resume": tmp / "nowhere"})
+
+
+def damaged_copy(tmp, ref, name, damage) -> tuple:
+    """ref's checkpoints (steps 5 and 10, `latest` naming step-10) under a new run, step-10's largest file damaged."""
+    shutil.copytree(ref / "checkpoints", tmp / name / "checkpoints")
+    target = max((f for f in (tmp / name / "checkpoints/step-10").rglob("*") if f.is_file()),
+                 key=lambda f: f.stat().st_size)
+    data = bytearray(target.read_bytes())
+    target.write_bytes(data[:len(data) // 2] if damage == "truncate" else
+                       data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+    return tmp / name, target
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp, ref, damage):
+    run, target = damaged_copy(tmp, ref, f"damaged-{damage}", damage)
+    p = torchrun(2, args(tmp, f"damaged-{damage}"))
+    assert f"checkpoint {run}/checkpoints/step-10 is damaged ({target}" in p.stdout
+    assert "resuming from" in p.stdout and "step-5" in p.stdout
+    assert (run / "checkpoints/step-10.damaged").is_dir()  # kept for a human to look at
+    assert [m["step"] for m in metrics(run)] == list(range(6, 11))
+    assert losses(run) == losses(ref)[5:]  # bit for bit
+
+
+def test_no_intact_checkpoint_is_refused_and_an_explicit_damaged_one_too(tmp, ref):
+    run, target = damaged_copy(tmp, ref, "all-damaged", "flip")
+    step5 = max((f for f in (run / "checkpoints/step-5").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    step5.write_bytes(step5.read_bytes()[:-10])
+    a = args(tmp, "all-damaged", **{"sharding.strategy": "none"})
+    p = subprocess.run([sys.executable, "train.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"no intact checkpoint under {run}/checkpoints" in p.stderr and str(step5) in p.stderr
+    assert "checkpoint.resume: never" in p.stderr
+    explicit = args(tmp, "explicit", **{"sharding.strategy": "none", "checkpoint.resume": ref / "checkpoints/step-5"})
+    shutil.copytree(ref / "checkpoints/step-5", tmp / "explicit-src")
+    (tmp / "explicit-src/trainer_state.json").write_text("{}")
+    explicit[explicit.index(f"--checkpoint.resume={ref / 'checkpoints/step-5'}")] = \
+        f"--checkpoint.resume={tmp / 'explicit-src'}"
+    p = subprocess.run([sys.executable, "train.py", *explicit], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"checkpoint.resume: {tmp / 'explicit-src'} cannot be used: " in p.stderr and "trainer_state.json" in p.stderr
+
+
+def test_a_crafted_rng_file_is_refused_and_its_code_never_runs(tmp, ref):
+    """Someone else's checkpoint whose RNG file unpickles to code (its manifest made to match)."""
+    ckpt, marker = tmp / "crafted", tmp / "crafted-ran"
+    shutil.copytree(ref / "checkpoints/step-5", ckpt)
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"python": Evil()}, ckpt / "rng-rank0.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["rng-rank0.pt"] = [(ckpt / "rng-rank0.pt").stat().st_size, checkpoint._crc32(ckpt / "rng-rank0.pt")]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    a = args(tmp, "crafted-run", **{"sharding.strategy": "none", "checkpoint.resume": ckpt})
+    p = subprocess.run([sys.executable, "train.py", *a], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "rng-rank0.pt holds more than tensors and numbers; refused" in p.stderr
+    assert not marker.exists()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_says_what_was_lost(tmp, ref):
+    """Rank 1 alone cannot write during the step-10 save (ENOSPC): both ranks stop, `latest` still names step-5,
+    no step-10 leftovers; the relaunch resumes from step-5 bit for bit."""
+    run = tmp / "nospace"
+    p = with_fault(2, args(tmp, "nospace"), "checkpoint._rng_state:2:enospc", rank=1)
+    assert "No space left on device" in p.stderr and "steps 6-10 are lost" in p.stderr
+    assert not our_traceback(p.stderr)
+    assert latest(run) == "step-5" and sorted(os.listdir(run / "checkpoints")) == ["latest", "step-5"]
+    torchrun(2, args(tmp, "nospace"))
+    assert losses(run)[-5:] == losses(ref)[5:]
+
+
+def test_a_stalled_rank_ends_the_job_within_the_timeout(tmp):
+    """Rank 1 sleeps 12 s before step 2's reduction; with a 5 s collective timeout the job ends well within
+    timeout + 30 s of the stall, and each rank names the step and phase it was in."""
+    a = args(tmp, "stall", **{"train.collective_timeout_s": 5, "train.max_steps": 3})
+    p = with_fault(2, a, "sharding.reduce_gradients:2:sleep12", rank=1)
+    stalled_at = float(p.stdout.split("sleeps 12 s at ")[1].split()[0])
+    assert time.time() - stalled_at < 5 + 30
+    assert "error: rank 0 at step 2 (reduce): a collective failed" in p.stderr
+    assert "error: rank 1 at step 2 (reduce): a collective failed" in p.stderr  # when it wakes: its peer is gone
+    assert "train.collective_timeout_s=5" in p.stderr and not our_traceback(p.stderr)
 
 
 def in_memory_logits(model, ids):

@@ -1,5 +1,8 @@
 """The strict loader: unknown keys with suggestions, type errors, override precedence, every shipped YAML."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,36 @@ def test_readme_documents_every_key():
     documented = set(re.findall(r"^\| `(\w+\.\w+)` \|", (ROOT / "README.md").read_text(), re.M))
     keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert documented == keys
+
+
+def test_setup_mistakes_end_in_one_error_naming_the_key_and_the_fix(tmp_path):
+    """Each typical mistake, run as a plain `python train.py`: exit code 1, at most 3 lines, the key or file named,
+    no traceback. Two processes at a time (their imports take most of the time)."""
+    from conftest import run_args, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:40])
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "a_file").write_text("")
+    cases = {  # overrides: what the error must say
+        "model_path": ({"model.path": tmp_path / "nowhere"}, "model.path: " + str(tmp_path / "nowhere") + " does not"),
+        "no_config_json": ({"model.path": tmp_path / "no_config"}, "has no config.json"),
+        "too_long": ({"sampler.max_tokens_per_rank": 16, "data.max_seq_len": 4096},
+                     "more than sampler.max_tokens_per_rank=16"),
+        "lora_rank": ({"sharding.lora_rank": -4}, "sharding.lora_rank: -4 is out of range; it must be >= 0"),
+        "output_dir": ({"train.output_dir": tmp_path / "a_file/run"}, f"train.output_dir: {tmp_path}/a_file/run"),
+        "data_file": ({"data.train_files": f"[{tmp_path / 'missing.jsonl'}]"}, "missing.jsonl does not exist"),
+        "lr": ({"train.lr": 0}, "train.lr: 0.0 is out of range; it must be > 0"),
+        "override_type": ({"train.max_steps": "many"}, "command line: --train.max_steps: expected"),
+    }
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    names = list(cases)
+    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+        procs = {n: subprocess.Popen([sys.executable, "train.py",
+                                      *run_args(tmp_path / n, data, **{"sharding.strategy": "none"} | cases[n][0])],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for n in pair}
+        for n, p in procs.items():
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 1, (n, out, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, (n, err)
+            assert err.startswith("error: ") and cases[n][1] in err, (n, err)

@@ -175,5 +175,5 @@ def test_rejected_combinations(tmp_path, small_data, over, message):
     """train.main checks these first, before anything is loaded, and exits with the message (no traceback)."""
     cfg = config.load(QS_CONFIG, train.SECTIONS, run_args(tmp_path, small_data, **over)[2:])
     with pytest.raises(SystemExit) as e:
-        train._check_combinations(cfg)
+        train._check_settings(cfg)
     assert message in str(e.value.code)
