@@ -519,6 +519,7 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # no network request per load (a 3 s timeout offline)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -50,8 +50,8 @@ VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single pr
     "ref": (0, {}), "ref_lora": (0, LORA), "micro": (0, {"sampler.max_tokens_per_rank": 128}),
     "replicated2": (2, {}), "fsdp2": (2, {"sharding.strategy": "fsdp2"}),
     "fsdp2_hybrid": (2, {"sharding.strategy": "fsdp2", "sharding.hybrid": "true"}),
-    "fsdp2_offload": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true"}),
-    "fsdp2_checkpointing": (2, {"sharding.strategy": "fsdp2", "model.gradient_checkpointing": "true"}),
+    "fsdp2_offload_checkpointing": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true",
+                                        "model.gradient_checkpointing": "true"}),  # one launch for both
     "fsdp2_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.compute_dtype": "bfloat16"}),
     "none_lora": (2, LORA), "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
     **{f"zero{z}": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": z}) for z in (1, 2, 3)},
