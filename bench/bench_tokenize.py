@@ -11,8 +11,8 @@ template and special tokens (../shared/templates), about as many tokens per word
 
 Peak memory is the largest sum over the process and its children, sampled every 200 ms, of the proportional set
 size (PSS: resident memory, pages shared between processes split among them, so forked workers are not counted
-twice), and of the anonymous resident memory alone (RssAnon: without the pages of memory-mapped files, Arrow's
-and the cache's, which the kernel drops under pressure).
+twice), and of its anonymous part alone (Pss_Anon: without the pages of memory-mapped files, Arrow's and the
+cache's, which the kernel drops under pressure).
 """
 
 import argparse
@@ -94,9 +94,8 @@ def measure(cmd: list[str]) -> dict:
     top, peak, anon = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
-            procs = [top] + top.children(recursive=True)
-            peak = max(peak, sum(p.memory_full_info().pss for p in procs))
-            anon = max(anon, sum(rss_anon(p.pid) for p in procs))
+            sizes = [pss(p.pid) for p in [top] + top.children(recursive=True)]
+            peak, anon = max(peak, sum(s for s, _ in sizes)), max(anon, sum(a for _, a in sizes))
         except (psutil.Error, OSError):
             pass
         time.sleep(0.2)
@@ -107,10 +106,11 @@ def measure(cmd: list[str]) -> dict:
             "output": out}
 
 
-def rss_anon(pid: int) -> int:
-    """Resident anonymous memory (heap, not pages of memory-mapped files, which the kernel can drop)."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+def pss(pid: int) -> tuple[int, int]:
+    """(PSS, its anonymous part) of a process in bytes, from /proc/<pid>/smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = dict(line.split()[:2] for line in f if line.startswith(("Pss:", "Pss_Anon:")))
+    return int(fields.get("Pss:", 0)) * 1024, int(fields.get("Pss_Anon:", 0)) * 1024
 
 
 def main():
