@@ -132,7 +132,7 @@ def _all_ok(ok: bool) -> bool:
     """Whether every rank is ok; also a barrier."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
+    flag = torch.tensor([0.0 if ok else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")  # nccl: CUDA
     dist.all_reduce(flag)
     return flag.item() == 0
 
@@ -233,12 +233,14 @@ def find(output_dir: Path, cfg: CheckpointConfig) -> tuple[Path, dict] | None:
         if not (problem := verify(path)):
             if damaged:
                 print(f"resuming from {path}, the newest intact checkpoint", flush=True)
+                _write_latest(root, path.name)
             return path, _state(path)
         damaged.append(f"{path.name}: {problem}")
         if path.exists():
             aside = path.with_name(path.name + ".damaged")
-            path.rename(aside if not aside.exists() else aside.with_name(f"{aside.name}-{time.time_ns()}"))
-        print(f"checkpoint {path} is damaged ({problem}); kept as {path.name}.damaged", flush=True)
+            aside = aside if not aside.exists() else aside.with_name(f"{aside.name}-{time.time_ns()}")
+            path.rename(aside)
+            print(f"checkpoint {path} is damaged ({problem}); kept as {aside.name}", flush=True)
     raise ResumeError(f"no intact checkpoint under {root}:\n  " + "\n  ".join(damaged) + "\n  set "
                       "checkpoint.resume: never to start afresh, or to the path of a checkpoint from elsewhere")
 

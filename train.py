@@ -230,6 +230,7 @@ WHERE = {"step": 0, "phase": "set-up"}  # what the loop is doing, for the messag
 
 
 def _train(cfg: dict, d: sharding.Dist):
+    """The run, once the settings and paths are checked and the process group exists: data, model, loop, export."""
     tc = cfg["train"]
     out = Path(tc.output_dir)
     if d.rank == 0:
@@ -288,7 +289,7 @@ def _train(cfg: dict, d: sharding.Dist):
         eval_plan = sampler.MultipackPlan(eval_cache.lengths, eval_cfg, d.world_size, d.rank, tc.seed)
         eval_plan = eval_plan.plan(0, 0)[d.rank]
     caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
-    model.train()  # from_pretrained returns the model in eval mode: no dropout, and bitsandbytes' inference paths
+    model.train()  # from_pretrained returns eval mode, in which dropout (LoRA's too) is off
 
     for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
