@@ -162,18 +162,25 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
     return loss_sum.item() / max(int(cache.loss_tokens.sum()), 1)  # host sync, meant: once per evaluation
 
 
+def _on_rank0(d: sharding.Dist, work, error: type):
+    """`work()` on rank 0 alone, its result on every rank; an `error` it raises ends every rank with its message."""
+    result = None
+    if d.rank == 0:
+        try:
+            result = work()
+        except error as e:
+            result = e
+    result = sharding.wait_for_rank0(result)
+    if isinstance(result, Exception):
+        sys.exit(f"error: {result}")
+    return result
+
+
 def _resume_point(out: Path, cfg: dict, cache: tokenize_data.TokenCache, d: sharding.Dist) -> tuple | None:
     """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint cannot continue
     this run. Prints every setting that changed since it was saved."""
-    found = None
-    if d.rank == 0:  # one rank verifies the checkpoints (and sets a damaged one aside); all get its choice
-        try:
-            found = checkpoint.find(out, cfg["checkpoint"])
-        except checkpoint.ResumeError as e:
-            found = e
-    found = sharding.wait_for_rank0(found)
-    if isinstance(found, Exception):
-        sys.exit(f"error: {found}")
+    # one rank verifies the checkpoints (and sets a damaged one aside); all get its choice
+    found = _on_rank0(d, lambda: checkpoint.find(out, cfg["checkpoint"]), checkpoint.ResumeError)
     if not found:
         return None
     path, state = found
@@ -196,15 +203,8 @@ def _resume_point(out: Path, cfg: dict, cache: tokenize_data.TokenCache, d: shar
 def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
     """The cache of the files listed under `key`. Rank 0 tokenizes (or finds the cache); the others wait, then
     all memory-map it."""
-    path = None
-    if d.rank == 0:
-        try:
-            path = tokenize_data.build_cache(getattr(cfg, key), tokenizer, cfg, f"data.{key}")
-        except tokenize_data.DataError as e:
-            path = e
-    path = sharding.wait_for_rank0(path)
-    if isinstance(path, Exception):
-        sys.exit(f"error: {path}")
+    path = _on_rank0(d, lambda: tokenize_data.build_cache(getattr(cfg, key), tokenizer, cfg, f"data.{key}"),
+                     tokenize_data.DataError)
     cache = tokenize_data.TokenCache(path)
     print0(tokenize_data.summary(cache), rank=d.rank)
     return cache
@@ -233,8 +233,7 @@ def _train(cfg: dict, d: sharding.Dist):
     """The run, once the settings and paths are checked and the process group exists: data, model, loop, export."""
     tc = cfg["train"]
     out = Path(tc.output_dir)
-    if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    if d.rank == 0:  # _check_paths made the directory
         (out / "config.yaml").write_text(config.dump(cfg))
         print0(f"config ({d.world_size} rank(s), {d.device}):\n{config.dump(cfg)}")
 
