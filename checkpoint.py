@@ -23,6 +23,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -30,30 +31,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
 
+import config
 import sharding
 
 
+@config.section("checkpoint")
 @dataclass
 class CheckpointConfig:
-    save_every_steps: int = 0  # resumable state every N optimizer steps; it is always saved at the end (and on
+    save_every_steps: Annotated[int, config.ge(0)] = 0  # resumable state every N optimizer steps; it is always saved at the end (and on
     #   SIGTERM/SIGUSR1); 0 = only then
-    keep_last: int = 2  # keep the newest N checkpoints (never deleting the one `latest` names); 0 = keep all
+    keep_last: Annotated[int, config.ge(0)] = 2  # keep the newest N checkpoints (never deleting the one `latest` names); 0 = keep all
     resume: str = "auto"  # auto: continue from <output_dir>/checkpoints/latest when it exists; never: start
     #   afresh (an existing checkpoints/ is overwritten step by step); or a checkpoint directory (any run's step-N)
 
 
 class ResumeError(ValueError):
     pass
-
-
-def _state_dicts(model: nn.Module, optimizer) -> dict:
-    """FQN-keyed model and optimizer state; sharded (DTensor) under FSDP2. Frozen weights are left out: a LoRA
-    run rebuilds its base from model.path (or the seed) exactly as it did at the start."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": model_sd, "optim": optim_sd}
 
 
 def _rng_state() -> dict:
@@ -174,10 +168,7 @@ def save(output_dir: Path, step: int, model: nn.Module, optimizer, state: dict, 
         error = e
     if _all_ok(error is None):
         try:
-            if sharding.is_deepspeed(model):
-                model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
-            else:
-                dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp / "dcp")
+            sharding.save_state(model, optimizer, tmp)
             torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
             if rank == 0:
                 (tmp / "config.yaml").write_text(config_text)
@@ -248,15 +239,7 @@ def find(output_dir: Path, cfg: CheckpointConfig) -> tuple[Path, dict] | None:
 def load(path: Path, model: nn.Module, optimizer, rank: int):
     """Every rank calls it; restores model, optimizer and this rank's RNG states in place (a rank the saved run
     did not have keeps its seeded RNG)."""
-    if sharding.is_deepspeed(model):
-        # not strict: frozen weights were left out at save (exclude_frozen_parameters)
-        model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False, load_lr_scheduler_states=False)
-    else:
-        sd = _state_dicts(model, optimizer)
-        dcp.load(sd, checkpoint_id=path / "dcp")  # fails on any key of `sd` that the checkpoint lacks
-        # not strict: the frozen weights are absent on purpose (see _state_dicts)
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    sharding.load_state(model, optimizer, path)
     if (path / f"rng-rank{rank}.pt").exists():
         try:  # weights_only: tensors and numbers, never pickled code, even from a checkpoint made elsewhere
             _set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=True))
@@ -290,11 +273,7 @@ def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size:
 
 def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, max_shard_size: str = "5GB") -> Path:
     """`model` is model_setup.PackedCausalLM (possibly sharded). Returns the export directory."""
-    if sharding.is_deepspeed(model) and model.zero_optimization_stage() == 3:  # ZeRO-3: gathered on rank 0
-        state = model._zero3_consolidated_16bit_state_dict() or {}  # None on the other ranks
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
-    else:  # full_state_dict gathers sharded (DTensor) weights; cpu_offload: the gathered copy on rank 0's CPU only
-        state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = sharding.full_state_dict(model)
     first = {}  # tied weights (input/output embeddings) are one parameter under two names: save it once
     for name, p in model.lm.named_parameters(remove_duplicate=False):
         if first.setdefault(id(p), name) != name:

@@ -1,8 +1,9 @@
-"""The one strict YAML loader: a run's config is one YAML file of sections, each checked against the dataclass
-that its stage module owns. Unknown keys (with the nearest valid name), wrong types and bad values are all
-reported at once; `--section.key=value` overrides go through the same checks.
-
-    python config.py --config configs/quickstart.yaml [--train.lr=1e-3]   # prints the resolved config
+"""The one strict YAML loader and the typed `Config`. A run's config is one YAML file of sections; each section
+is a dataclass that its stage module declares and registers with `@config.section("name")` (`model` and `train`,
+which the command-line modes of several stages read, are declared here). Unknown keys (with the nearest valid
+name), wrong types and values out of range are all reported at once, with the YAML line; `--section.key=value`
+overrides go through the same checks. A command checks only the sections it uses: the data stage's command
+line imports no model code.
 """
 
 import dataclasses
@@ -10,9 +11,84 @@ import difflib
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
+
+if TYPE_CHECKING:  # for the type hints of `Config` only; each stage module imports this one, not the reverse
+    from checkpoint import CheckpointConfig
+    from logging_utils import LogConfig
+    from sampler import SamplerConfig
+    from sharding import ShardingConfig
+    from tokenize_data import DataConfig
+
+SECTIONS: dict[str, type] = {}  # section name -> its dataclass, in the order of a dumped config
+
+
+def section(name: str):
+    """Class decorator: registers a dataclass as the section `name` (a stage module declares its own)."""
+    def register(cls):
+        SECTIONS[name] = cls
+        return cls
+    return register
+
+
+def ge(low, high=None):  # a number >= low (and <= high), checked at load with the key's YAML line
+    return ("ge", low, high)
+
+
+def gt(low):  # a number > low
+    return ("gt", low, None)
+
+
+@section("model")
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF model directory (config, tokenizer, weights) or hub id
+    random_init: bool = False  # true: build the architecture from `path`'s config with random weights
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # dtype of the weights as loaded
+    # "packed": ours (per-sample attention on packed rows); the others are transformers' own, for comparison
+    attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: the fused fast path; plain: the readable
+    #   cross-entropy a fork edits (same values); liger: Liger's fused linear cross-entropy (CUDA, liger extra)
+    load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`
+    #   (bitsandbytes extra); needs real weights (random_init: false) and LoRA (sharding.lora_rank > 0)
+
+
+@section("train")
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"  # everything of the run goes here (config, metrics, checkpoints, hf/)
+    epochs: Annotated[int, ge(1)] = 1  # passes over data.train_files (ignored when max_steps > 0)
+    max_steps: Annotated[int, ge(0)] = 0  # stop after this many optimizer steps; 0 = run the epochs
+    lr: Annotated[float, gt(0)] = 2e-5  # peak learning rate
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup, down to min_lr_ratio*lr
+    warmup_steps: Annotated[int, ge(0)] = 0  # linear warmup from 0 over this many steps
+    min_lr_ratio: Annotated[float, ge(0, 1)] = 0.0  # final lr as a fraction of lr (cosine and linear)
+    weight_decay: Annotated[float, ge(0)] = 0.0  # AdamW decoupled weight decay, on matrices only (not norms, biases)
+    beta2: Annotated[float, ge(0, 1)] = 0.95  # AdamW second-moment decay (beta1 = 0.9)
+    max_grad_norm: Annotated[float, ge(0)] = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    seed: int = 42  # model init, data order and every other random choice
+    eval_every_steps: Annotated[int, ge(0)] = 0  # eval loss on data.eval_files every N steps; always at the end
+    heldout_file: str = ""  # chat JSONL; after export, report greedy exact match on its last messages
+    collective_timeout_s: Annotated[float, gt(0)] = 300  # a collective (or the process group's creation) that waits
+    #   longer than this on a stalled or dead rank ends the job, naming the step and phase
+
+
+@dataclass
+class Config:
+    """A run's config, one checked dataclass per section: `cfg.train.lr`. A command builds only the sections it
+    uses; the others are None."""
+    data: "DataConfig | None" = None
+    model: ModelConfig | None = None
+    sharding: "ShardingConfig | None" = None
+    sampler: "SamplerConfig | None" = None
+    train: TrainConfig | None = None
+    checkpoint: "CheckpointConfig | None" = None
+    logging: "LogConfig | None" = None
 
 
 class ConfigError(ValueError):
@@ -22,6 +98,14 @@ class ConfigError(ValueError):
 def _check(value, tp, where: str, problems: list[str]):
     """Returns `value` converted to type `tp`, or appends a problem naming `where`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:  # a number with bounds: ge(low, high) or gt(low)
+        value = _check(value, args[0], where, problems)
+        kind, low, high = args[1]
+        if isinstance(value, (int, float)) and (value < low or (kind == "gt" and value == low)
+                                                or (high is not None and value > high)):
+            problems.append(f"{where}: {value} is out of range; it must be {'>=' if kind == 'ge' else '>'} {low}"
+                            + (f" and <= {high}" if high is not None else ""))
+        return value
     if origin in (typing.Union, types.UnionType):  # str | Source: a mapping is the dataclass, the rest the str
         cls = next((a for a in args if dataclasses.is_dataclass(a)), None)
         return _check(value, cls if isinstance(value, dict) and cls else args[0], where, problems)
@@ -54,7 +138,7 @@ def _check(value, tp, where: str, problems: list[str]):
 
 def _check_fields(body: dict, cls: type, prefix: str, problems: list[str], at=lambda key: key) -> dict:
     """The checked keyword arguments of dataclass `cls` from mapping `body`; unknown keys get the nearest name."""
-    hints, kwargs = typing.get_type_hints(cls), {}
+    hints, kwargs = typing.get_type_hints(cls, include_extras=True), {}
     for key, value in body.items():
         if key not in hints:
             hint = difflib.get_close_matches(str(key), hints, n=1)
@@ -90,23 +174,25 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
     return out
 
 
-def load(path: str, sections: dict[str, type], overrides: list[str] = ()) -> dict:
-    """Reads `path`, applies `overrides` and returns {section: dataclass instance}; raises ConfigError listing
-    every problem. A section absent from the file gets its defaults."""
+def load(path: str, overrides: list[str] = (), sections: tuple[str, ...] | None = None) -> Config:
+    """Reads `path`, applies `overrides` and returns the Config with `sections` built (by default every registered
+    one; their modules must be imported) and the others None; raises ConfigError listing every problem. A section
+    absent from the file gets its defaults; a section of the file that is not asked for is not checked."""
     text = Path(path).read_text()
     try:
         raw = yaml.safe_load(text) or {}
         lines = _key_lines(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    names = [f.name for f in dataclasses.fields(Config)]
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(sections)})")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(names)})")
     overridden = set()
-    for section, values in parse_overrides(list(overrides)).items():
-        raw.setdefault(section, {})
-        if isinstance(raw[section], dict):
-            raw[section].update(values)
-        overridden |= {f"{section}.{key}" for key in values} | ({section} if section not in lines else set())
+    for name, values in parse_overrides(list(overrides)).items():
+        raw.setdefault(name, {})
+        if isinstance(raw[name], dict):
+            raw[name].update(values)
+        overridden |= {f"{name}.{key}" for key in values} | ({name} if name not in lines else set())
     problems, out = [], {}
 
     def at(key):
@@ -114,43 +200,36 @@ def load(path: str, sections: dict[str, type], overrides: list[str] = ()) -> dic
             return f"command line: --{key}"
         return f"{path}:{lines[key]}: {key}" if key in lines else f"{path}: {key}"
 
-    for section, body in raw.items():
-        if section not in sections:
-            hint = difflib.get_close_matches(str(section), sections, n=1)
-            problems.append(f"{at(section)}: unknown section" + (f"; did you mean '{hint[0]}'?" if hint else
-                                                                 f"; valid: {', '.join(sections)}"))
+    for name, body in raw.items():
+        if name not in names:
+            hint = difflib.get_close_matches(str(name), names, n=1)
+            problems.append(f"{at(name)}: unknown section" + (f"; did you mean '{hint[0]}'?" if hint else
+                                                              f"; valid: {', '.join(names)}"))
         elif not isinstance(body, dict):
-            problems.append(f"{at(section)}: expected a mapping of keys, got {body!r}")
-    for section, cls in sections.items():
-        body = raw.get(section) or {}
-        if not isinstance(body, dict):
-            continue
-        out[section] = cls(**_check_fields(body, cls, section, problems, at))
+            problems.append(f"{at(name)}: expected a mapping of keys, got {body!r}")
+    for name in sections or SECTIONS:
+        body = raw.get(name) or {}
+        if isinstance(body, dict):
+            out[name] = SECTIONS[name](**_check_fields(body, SECTIONS[name], name, problems, at))
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in the config:\n  " + "\n  ".join(problems))
-    return out
+    return Config(**out)
 
 
-def to_dict(cfg: dict) -> dict:
-    return {section: dataclasses.asdict(value) for section, value in cfg.items()}
+def to_dict(cfg: Config) -> dict:
+    return {f.name: dataclasses.asdict(v) for f in dataclasses.fields(cfg) if (v := getattr(cfg, f.name))}
 
 
-def dump(cfg: dict) -> str:
+def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def cli(sections: dict[str, type], argv: list[str]) -> dict:
-    """`--config FILE [--section.key=value ...]` -> config; a config problem exits with its message, no
-    traceback."""
+def cli(argv: list[str], sections: tuple[str, ...] | None = None) -> Config:
+    """`--config FILE [--section.key=value ...]` -> Config with `sections`; a config problem exits with its
+    message, no traceback."""
     if len(argv) < 2 or argv[0] != "--config":
         sys.exit(f"usage: {sys.argv[0]} --config FILE [--section.key=value ...]")
     try:
-        return load(argv[1], sections, argv[2:])
+        return load(argv[1], argv[2:], sections)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    from train import SECTIONS
-
-    print(dump(cli(SECTIONS, sys.argv[1:])), end="")

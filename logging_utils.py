@@ -7,26 +7,35 @@ greedy exact-match accuracy of an exported model on held-out chats.
 """
 
 import json
+import math
 import os
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import nn
 
+import config
 
+
+@config.section("logging")
 @dataclass
 class LogConfig:
-    log_every_steps: int = 10  # console line every N steps (metrics.jsonl gets every step)
+    log_every_steps: Annotated[int, config.ge(1)] = 10  # console line every N steps (metrics.jsonl gets every step)
     tensorboard: bool = False  # also write TensorBoard events to <output_dir>/tensorboard (tensorboard extra)
     wandb_project: str = ""  # also log to this Weights & Biases project (wandb extra); with WANDB_MODE=offline it
     #   writes to <output_dir>/wandb without a network, for `wandb sync` later
     peak_tflops: float = 0.0  # one device's peak dense bf16 TFLOP/s, for MFU; 0 = look the GPU up in PEAK_TFLOPS
     #   (on CPU and unknown GPUs MFU is null; achieved TFLOP/s is always reported)
+    sample_losses: bool = False  # write each trained sample's mean loss and tokens, per step, to
+    #   <output_dir>/sample_losses.jsonl
+    noise_scale: bool = False  # log `noise_scale`, the gradient noise scale B_simple in tokens (McCandlish et al.
+    #   2018), from the first micro-step's and the step's gradient norms; no extra backward
 
 
 # Dense (no sparsity) bf16 tensor-core peak of one device, TFLOP/s, from the vendors' datasheets. Matched as a
@@ -79,6 +88,56 @@ def _memory(device: torch.device) -> dict:
     return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
 
 
+class NoiseScale:
+    """The simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al., 2018, "An Empirical Model of
+    Large-Batch Training", appendix A), in tokens. Two gradients of different batch sizes give unbiased estimates
+    of |G|^2 and tr(Sigma) from E|g_B|^2 = |G|^2 + tr(Sigma) / B: the step's (B = N_step tokens) and the first
+    micro-step's, which exists anyway, read before the next backward adds to it. Under `none` it is each rank's
+    own micro-batch (averaged over ranks), under FSDP2 already combined over ranks. Each estimate is averaged
+    by an exponential moving average before the ratio is taken, as the paper advises."""
+
+    def __init__(self, reduced_in_backward: bool, world_size: int, beta: float = 0.95):
+        self.reduced, self.world_size, self.beta = reduced_in_backward, world_size, beta
+        self.g2 = self.s = self.n = 0.0
+
+    def parts(self, sq: torch.Tensor, n: int, n_step: float) -> torch.Tensor:
+        """This rank's share of the small-batch statistics, summed over ranks by the step's all-reduce. `sq` is
+        the sum of squares of the gradient held after the first micro-step, which is that of its n targets' loss
+        sum times world_size / n_step."""
+        if self.reduced:  # one small batch: every rank's first micro-batch; sq sums to its squared norm
+            return torch.stack([sq * n_step**2, torch.tensor(float(n), device=sq.device), torch.ones_like(sq)])
+        if not n:  # an empty micro-batch on this rank: no small batch here
+            return torch.zeros(3, device=sq.device)
+        mean_sq = sq * (n_step / (self.world_size * n)) ** 2  # |mean gradient of the n targets|^2
+        return torch.stack([mean_sq, torch.tensor(1.0 / n, device=sq.device), torch.ones_like(sq)])
+
+    def update(self, parts, grad_norm: float, n_step: float) -> float | None:
+        """The estimate after this step's parts (summed over ranks); None until it has one."""
+        a, b, ranks = parts
+        if self.reduced:  # E|g_small|^2 and 1/B_small
+            small_sq, inv_small = (a / b**2, 1 / b) if b else (0.0, 0.0)
+        else:
+            small_sq, inv_small = (a / ranks, b / ranks) if ranks else (0.0, 0.0)
+        if inv_small <= 1 / n_step or not math.isfinite(grad_norm):  # one micro-batch is the whole step
+            return None if not self.n else self.s / self.g2
+        big_sq, b_small = grad_norm**2, 1 / inv_small
+        g2 = (n_step * big_sq - b_small * small_sq) / (n_step - b_small)
+        s = (small_sq - big_sq) / (inv_small - 1 / n_step)
+        self.g2, self.s = self.beta * self.g2 + (1 - self.beta) * g2, self.beta * self.s + (1 - self.beta) * s
+        self.n += 1
+        return self.s / self.g2  # the bias corrections of the two averages cancel in the ratio
+
+
+def _open_at(path: Path, done: int):
+    """`path` (JSON lines with a "step") opened for appending after the lines of steps up to `done`; the later
+    ones were written by a run that died after its last checkpoint, and those steps are trained again."""
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line)["step"] <= done] if done and path.exists() else []
+    path.with_suffix(".tmp").write_text("".join(kept))
+    os.replace(path.with_suffix(".tmp"), path)
+    return open(path, "a")
+
+
 class MetricsLogger:
     """Every rank keeps the counters; only rank 0 writes (metrics.jsonl, console, tqdm, TensorBoard, W&B,
     summary.json, metrics.png). `resume` is a `state_dict()` saved in a checkpoint: counters continue from it,
@@ -100,12 +159,9 @@ class MetricsLogger:
         from tqdm import tqdm
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path, done = self.output_dir / "metrics.jsonl", self.totals["steps"]
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if json.loads(line)["step"] <= done] if done and path.exists() else []
-        path.with_suffix(".tmp").write_text("".join(kept))
-        os.replace(path.with_suffix(".tmp"), path)
-        self.file = open(path, "a")
+        done = self.totals["steps"]
+        self.file = _open_at(self.output_dir / "metrics.jsonl", done)
+        self.sample_file = _open_at(self.output_dir / "sample_losses.jsonl", done) if cfg.sample_losses else None
         # redraw at most every 30 s when the output is a log file rather than a terminal
         self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -131,6 +187,12 @@ class MetricsLogger:
     def state_dict(self) -> dict:
         return {"totals": self.totals, "elapsed_s": time.perf_counter() - self.start, "last": self.last,
                 "wandb_id": self.wandb_id}
+
+    def samples(self, step: int, rows: list[dict]):
+        """One line per sample trained in `step` to sample_losses.jsonl: its index, source, mean loss, tokens."""
+        if self.on:
+            self.sample_file.write("".join(json.dumps({"step": step} | r) + "\n" for r in rows))
+            self.sample_file.flush()
 
     def log(self, m: dict):
         """`m`: step, epoch, loss, lr, grad_norm, samples, tokens, loss_tokens, micro_steps, packing_efficiency,
@@ -188,6 +250,8 @@ class MetricsLogger:
         if self.on:
             self.bar.close()
             self.file.close()
+            if self.sample_file:
+                self.sample_file.close()
             if self.tb:
                 self.tb.close()
             if self.wandb:

@@ -2,32 +2,18 @@
 
 - `packed_attention`, registered with transformers' attention interface as "packed", so any HF causal LM attends
   only within each sample of a packed row (no dense T x T mask);
-- `compute_loss`, a chunked cross-entropy over supervised positions only, so the (tokens, vocab) logits are
-  never held at once.
+- the loss over supervised positions only: `compute_loss`, plain (the one a fork edits), and
+  `compute_loss_chunked`, the same fused and chunked so the (tokens, vocab) logits are never held at once.
 
 `load_model` wraps the HF model in `PackedCausalLM`, whose forward returns (loss_sum, token_losses): FSDP2 and
 DeepSpeed then see one module that owns every parameter the loss touches.
 """
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelConfig:
-    path: str = ""  # HF model directory (config, tokenizer, weights) or hub id
-    random_init: bool = False  # true: build the architecture from `path`'s config with random weights
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # dtype of the weights as loaded
-    # "packed": ours (per-sample attention on packed rows); the others are transformers' own, for comparison
-    attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    loss: Literal["chunked", "liger"] = "chunked"  # liger: Liger's fused linear cross-entropy (CUDA, liger extra)
-    load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`
-    #   (bitsandbytes extra); needs real weights (random_init: false) and LoRA (sharding.lora_rank > 0)
+from config import ModelConfig
 
 
 def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softcap):
@@ -97,13 +83,29 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return _sdpa_per_sample(query, key, value, cu.tolist(), scaling, dropout, sliding_window, softcap), None
 
 
+def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
+                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, plainly: hidden (T, H) after the final norm, weight (V, H) of the output layer, and the batch's
+    loss_idx (S,) positions that have a target, targets (S,) and loss_weight (S,) or None (sampler.targets)
+    -> (sum of the weighted token losses, the (S,) weighted token losses without gradient). `scale` and
+    `softcap` are the logit modifiers of some families (Granite, Gemma-2). This is the one to edit for another
+    loss (model.loss: plain); `compute_loss_chunked` is the same function, fused and chunked."""
+    logits = (hidden.index_select(0, batch["loss_idx"]) @ weight.t()).float() * scale  # (S, V)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    losses = F.cross_entropy(logits, batch["targets"], reduction="none")
+    if batch.get("loss_weight") is not None:
+        losses = losses * batch["loss_weight"]
+    return losses.sum(), losses.detach()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, y_i), chunk by chunk. The gradients are computed in forward, where each chunk's logits
-    exist anyway, and kept for backward: no (chunk, V) logits outlive their chunk, and the output layer's matmul
-    is not recomputed (3 matmuls per chunk instead of 4 with activation checkpointing)."""
+    """sum_i w_i CE(h_i @ W^T, y_i), chunk by chunk. The gradients are computed in forward, where each chunk's
+    logits exist anyway, and kept for backward: no (chunk, V) logits outlive their chunk, and the output layer's
+    matmul is not recomputed (3 matmuls per chunk instead of 4 with activation checkpointing)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, scale: float, softcap: float | None, chunk: int):
+    def forward(ctx, h, weight, targets, token_weight, scale: float, softcap: float | None, chunk: int):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         token_losses = torch.empty(len(targets), dtype=torch.float32, device=h.device)  # (S,), for logging
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -116,14 +118,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
             lse = logits.logsumexp(-1)
-            token_losses[a:a + chunk] = lse - logits.gather(1, y[:, None]).squeeze(1)
+            losses = lse - logits.gather(1, y[:, None]).squeeze(1)
+            w = None if token_weight is None else token_weight[a:a + chunk]
+            token_losses[a:a + chunk] = losses if w is None else losses * w
             loss += token_losses[a:a + chunk].sum()
             if need_grad:
                 g = (logits - lse[:, None]).exp_()  # softmax; d loss / d logits = softmax - onehot(y)
                 g[torch.arange(len(y), device=g.device), y] -= 1
                 if softcap is not None:
                     g *= 1 - capped**2
-                g *= scale
+                g *= scale if w is None else scale * w[:, None]
                 grad_h[a:a + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
                 grad_w.addmm_(g.t(), hc.float())
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
@@ -133,55 +137,58 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None, None
 
 
-def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Tensor, targets: torch.Tensor,
-                 scale: float = 1.0, softcap: float | None = None,
-                 chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """hidden (T, H) after the final norm, weight (V, H) of the output layer, loss_idx (S,) positions that have a
-    target, targets (S,) -> (sum of the S token losses, the (S,) token losses without gradient, for per-source
-    logging). Logits exist for one chunk of `chunk` positions at a time, and only for supervised positions."""
-    h = hidden.index_select(0, loss_idx)  # (S, H)
+def compute_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
+                         softcap: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """`compute_loss`, fused (model.loss: chunked, the default): logits exist for one chunk of `chunk` supervised
+    positions at a time, with their gradients computed in forward; tests keep the two equal."""
+    h = hidden.index_select(0, batch["loss_idx"])  # (S, H)
     if not torch.is_grad_enabled():  # evaluation: tell the function that no gradient is needed
         h, weight = h.detach(), weight.detach()
-    return _LinearCrossEntropy.apply(h, weight, targets, scale, softcap, chunk)
+    return _LinearCrossEntropy.apply(h, weight, batch["targets"], batch.get("loss_weight"), scale, softcap, chunk)
 
 
-def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, loss_idx: torch.Tensor, targets: torch.Tensor,
-                       scale: float = 1.0, softcap: float | None = None) -> tuple[torch.Tensor, None]:
-    """The same contract as `compute_loss`, with Liger's fused linear cross-entropy (CUDA, Triton): the logits
-    are computed and consumed block by block inside one kernel, and never stored for backward. It returns no
-    token losses, so there is no loss_by_source with it."""
+def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
+                       softcap: float | None = None) -> tuple[torch.Tensor, None]:
+    """The same contract with Liger's fused linear cross-entropy (CUDA, Triton): the logits are computed and
+    consumed block by block inside one kernel, and never stored for backward. It returns no token losses, so
+    there is no loss_by_source and no per-sample loss with it."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         raise ImportError("model.loss: liger needs the liger extra: pip install -e '.[liger]'") from None
-    if scale != 1.0:
-        raise ValueError("model.loss: liger does not scale logits (this model sets logits_scaling); use chunked")
-    h = hidden.index_select(0, loss_idx)
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, targets), None
+    if scale != 1.0 or batch.get("loss_weight") is not None:
+        raise ValueError("model.loss: liger neither scales logits (this model sets logits_scaling) nor weights "
+                         "tokens; use chunked")
+    h = hidden.index_select(0, batch["loss_idx"])
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, batch["targets"]), None
+
+
+LOSSES = {"chunked": compute_loss_chunked, "plain": compute_loss, "liger": compute_loss_liger}
 
 
 class PackedCausalLM(nn.Module):
     """The HF model plus our loss; `lm` is the unchanged transformers (or peft) model."""
 
-    def __init__(self, lm: nn.Module, loss_fn=compute_loss):
+    def __init__(self, lm: nn.Module, loss_fn=compute_loss_chunked):
         super().__init__()
         self.lm, self.loss_fn = lm, loss_fn
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, loss_idx, targets):
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, **batch):
+        """`batch`: loss_idx, targets, loss_weight (sampler.collate). Returns (loss_sum, token_losses)."""
         hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                        cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                                        max_length_q=max_seqlen, max_length_k=max_seqlen).last_hidden_state
         weight = self.lm.get_output_embeddings().weight  # (V, H)
-        if targets.numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter, so that
-            return hidden.sum() * 0.0 + weight.sum() * 0.0, targets.float()  # backward (and collectives) everywhere
+        if batch["targets"].numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter, so
+            return hidden.sum() * 0.0 + weight.sum() * 0.0, batch["targets"].float()  # backward runs everywhere
         c = self.lm.config
         # Output-logit modifiers some families apply in their *ForCausalLM.forward, which we bypass:
         # Granite divides the logits by `logits_scaling`, Gemma-2 soft-caps them.
         scale = 1.0 / getattr(c, "logits_scaling", 1.0)
-        return self.loss_fn(hidden[0], weight, loss_idx, targets, scale, getattr(c, "final_logit_softcapping", None))
+        return self.loss_fn(hidden[0], weight, batch, scale, getattr(c, "final_logit_softcapping", None))
 
 
 def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) -> PackedCausalLM:
@@ -213,5 +220,4 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_fn = compute_loss_liger if cfg.loss == "liger" else compute_loss
-    return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), loss_fn)
+    return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), LOSSES[cfg.loss])

@@ -5,7 +5,8 @@
 Step k of an epoch takes samples [k*B, (k+1)*B) of a seeded permutation, whatever the world size. Its samples
 are spread over ranks x micro-steps by longest-processing-time balancing of tokens, using the fewest micro-steps
 that fit under the token cap. Every rank runs the same number of micro-steps (an empty micro-batch contributes
-zero loss and still joins the collectives). The state is (epoch, step): resuming is O(1), on any world size.
+zero loss and still joins the collectives). The position is the step number: resuming is O(1), on any world
+size.
 """
 
 import heapq
@@ -13,15 +14,20 @@ import json
 import math
 import sys
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 
+import config
 
+
+@config.section("sampler")
 @dataclass
 class SamplerConfig:
-    batch_size: int = 64  # samples per optimizer step, over all ranks (the last step of an epoch may have fewer)
-    max_tokens_per_rank: int = 8192  # token cap of one micro-batch on one rank (memory), >= data.max_seq_len
+    batch_size: Annotated[int, config.ge(1)] = 64  # samples per optimizer step, over all ranks (the last step of an epoch may have fewer)
+    max_tokens_per_rank: Annotated[int, config.ge(1)] = 8192  # token cap of one micro-batch on one rank (memory),
+    #   >= the longest sample
 
 
 def _balance(lengths: np.ndarray, bins: int, cap: int) -> list[list[int]] | None:
@@ -39,12 +45,12 @@ def _balance(lengths: np.ndarray, bins: int, cap: int) -> list[list[int]] | None
 
 
 class MultipackPlan:
-    """The step plan of one run: `micro_batches(epoch, step)` -> this rank's list of micro-batches (lists of
-    sample indices into the token cache)."""
+    """The step plan of one run: `plan(epoch, step)` -> [rank][micro-step] lists of sample indices into the token
+    cache. The position in the run is the step number alone."""
 
-    def __init__(self, lengths: np.ndarray, cfg: SamplerConfig, world_size: int, rank: int, seed: int,
+    def __init__(self, lengths: np.ndarray, cfg: SamplerConfig, world_size: int, seed: int,
                  sources: np.ndarray | None = None, weights: list[float] | None = None):
-        self.lengths, self.cfg, self.world_size, self.rank = np.asarray(lengths), cfg, world_size, rank
+        self.lengths, self.cfg, self.world_size = np.asarray(lengths), cfg, world_size
         self.seed, self._order = seed, (None, None)
         self.sources = np.zeros(len(self.lengths), np.int64) if sources is None else np.asarray(sources)
         self.weights = [1.0] * (int(self.sources.max(initial=0)) + 1) if weights is None else list(weights)
@@ -58,7 +64,6 @@ class MultipackPlan:
         if not self.samples_per_epoch:
             raise ValueError("the source weights leave no sample in an epoch; raise a weight above 0")
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / cfg.batch_size)
-        self.epoch, self.step = 0, 0  # the next step to run; saved in checkpoints
 
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """The samples of one epoch, unshuffled. A source of weight w and n samples gives round(w * n): each of its
@@ -88,39 +93,49 @@ class MultipackPlan:
             m += 1
         return [[[int(idx[i]) for i in bins[b]] for b in range(r, R * m, R)] for r in range(R)]
 
-    def micro_batches(self, epoch: int, step: int) -> list[list[int]]:
-        return self.plan(epoch, step)[self.rank]
+    def observe(self, samples: np.ndarray, losses: np.ndarray):
+        """The mean loss of each sample of the step just trained (`samples` unique), on every rank alike. This
+        plan does not use them; a loss-driven sampler keeps them (forks/loss_prioritized_sampler.patch)."""
 
-    def loss_tokens(self, epoch: int, step: int, loss_tokens: np.ndarray) -> int:
-        """Supervised targets in the whole step over all ranks: the loss normalizer, known without
-        communication because the plan is the same everywhere."""
-        return int(loss_tokens[self.step_samples(epoch, step)].sum())
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+def targets(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+    """The one definition of what is trained, for [(input_ids, loss_mask)] packed into one row: (positions that
+    have a target, their target ids, the sample of each target, per-target weights, None for all 1). Position i
+    of a sample predicts its token i + 1 where that token's loss_mask is set; a sample's last position predicts
+    nothing, so nothing is predicted across a boundary. `collate` builds every micro-batch from it, and the loop
+    normalizes each step by it over the whole step (`step_targets`): return weights for a per-token-weighted loss."""
+    ids, mask = np.concatenate([s[0] for s in samples]), np.concatenate([s[1] for s in samples])
+    ends = np.cumsum([len(s[0]) for s in samples])
+    predicts = np.append(mask[1:] > 0, False)
+    predicts[ends - 1] = False
+    pos = np.flatnonzero(predicts)
+    return pos, ids[pos + 1].astype(np.int64), np.searchsorted(ends, pos, side="right"), None
 
-    def load_state_dict(self, state: dict):
-        self.epoch, self.step = state["epoch"], state["step"]
+
+def step_targets(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, float]:
+    """(targets of each sample, their total weight per sample, the step's total weight N_step) of a whole step,
+    all ranks: the loss normalizer, known without communication because every rank has the plan."""
+    _, _, seg, weight = targets(samples)
+    counts = np.bincount(seg, minlength=len(samples))
+    weights = counts.astype(np.float64) if weight is None else np.bincount(seg, weight, len(samples))
+    return counts, weights, float(weights.sum())
 
 
 def collate(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> dict:
     """[(input_ids, loss_mask)] -> one padding-free packed row: input_ids and position_ids (restarting at 0 per
-    sample) of shape (1, T); cu_seqlens (int32 offsets) and max_seqlen for varlen kernels; the labels, shifted
-    per sample (labels[i] is the target of position i; the last position of each sample has none, so nothing
-    predicts across a boundary), as loss_idx (positions that have a target), targets and loss_seg (the sample of
-    each target, for per-sample and per-source sums), computed here on the host so the loss needs no device sync.
-    An empty micro-batch becomes one untrained token."""
+    sample) of shape (1, T); cu_seqlens (int32 offsets) and max_seqlen for varlen kernels; and `targets`' loss_idx,
+    targets, loss_seg (the sample of each target) and loss_weight (None: all 1), computed here on the host so the
+    loss needs no device sync. An empty micro-batch becomes one untrained token."""
     if not samples:
         samples = [(np.zeros(1, np.int32), np.zeros(1, np.uint8))]
-    ids = torch.from_numpy(np.concatenate([s[0] for s in samples]).astype(np.int64))
     lens = [len(s[0]) for s in samples]
-    labels = np.concatenate([np.append(np.where(m[1:] > 0, i[1:], -100), -100) for i, m in samples])
-    labels = torch.from_numpy(labels.astype(np.int64))
-    loss_idx = torch.nonzero(labels != -100).flatten()
-    segment = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))  # (T,) sample of each position
-    batch = {"input_ids": ids[None], "position_ids": torch.cat([torch.arange(n) for n in lens])[None],
+    loss_idx, tgt, seg, weight = targets(samples)
+    batch = {"input_ids": torch.from_numpy(np.concatenate([s[0] for s in samples]).astype(np.int64))[None],
+             "position_ids": torch.cat([torch.arange(n) for n in lens])[None],
              "cu_seqlens": torch.tensor(np.cumsum([0] + lens), dtype=torch.int32),
-             "loss_idx": loss_idx, "targets": labels[loss_idx], "loss_seg": segment[loss_idx]}
+             "loss_idx": torch.from_numpy(loss_idx), "targets": torch.from_numpy(tgt), "loss_seg": torch.from_numpy(seg)}
+    if weight is not None:
+        batch["loss_weight"] = torch.from_numpy(weight.astype(np.float32))
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     return batch | {"max_seqlen": max(lens)}
 
@@ -146,18 +161,16 @@ def plan_stats(plan: MultipackPlan, epoch: int = 0) -> dict:
 
 
 def main(argv: list[str]):
-    import config
     from tokenize_data import TokenCache, build_cache, load_tokenizer, sources
-    from train import SECTIONS
 
     world_size = 1
     if "--world-size" in argv:
         i = argv.index("--world-size")
         world_size, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
-    cfg = config.cli(SECTIONS, argv)
-    cache = TokenCache(build_cache(cfg["data"].train_files, load_tokenizer(cfg["model"].path), cfg["data"]))
-    weights = [s.weight for s in sources(cfg["data"].train_files)]
-    plan = MultipackPlan(cache.lengths, cfg["sampler"], world_size, 0, cfg["train"].seed, cache.source, weights)
+    cfg = config.cli(argv, ("data", "model", "sampler", "train"))
+    cache = TokenCache(build_cache(cfg.data.train_files, load_tokenizer(cfg.model.path), cfg.data))
+    weights = [s.weight for s in sources(cfg.data.train_files)]
+    plan = MultipackPlan(cache.lengths, cfg.sampler, world_size, cfg.train.seed, cache.source, weights)
     print(json.dumps(plan_stats(plan)))
 
 

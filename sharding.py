@@ -9,17 +9,25 @@ pre-multiplied sums keeps us from changing), so train.py backpropagates loss_sum
 N_step counts the supervised tokens of the whole step over all ranks: the mean then gives sum / N_step.
 """
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+import config
 
 
+@config.section("sharding")
 @dataclass
 class ShardingConfig:
     strategy: Literal["none", "fsdp2", "deepspeed"] = "none"  # none: every rank holds the whole model;
@@ -31,9 +39,9 @@ class ShardingConfig:
     cpu_offload: bool = False  # fsdp2: sharded weights, gradients and optimizer state in CPU memory;
     #   deepspeed: optimizer state (and with ZeRO-3 the weights) in CPU memory
     zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 also gradients, 3 also weights
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base weights; 0 = full fine-tuning
-    lora_alpha: float = 16.0  # LoRA scale numerator: the adapter update is scaled by lora_alpha / lora_rank
-    lora_dropout: float = 0.0  # dropout on the adapter input
+    lora_rank: Annotated[int, config.ge(0)] = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base weights; 0 = full fine-tuning
+    lora_alpha: Annotated[float, config.gt(0)] = 16.0  # LoRA scale numerator: the adapter update is scaled by lora_alpha / lora_rank
+    lora_dropout: Annotated[float, config.ge(0, 1)] = 0.0  # dropout on the adapter input
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear
     #   (every linear layer but the output layer)
 
@@ -41,7 +49,6 @@ class ShardingConfig:
 @dataclass
 class Dist:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
     local_world_size: int = 1  # ranks on this node
@@ -51,7 +58,7 @@ def init_distributed(timeout_s: float = 300) -> Dist:
     """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE once; multi-node works through torchrun's rendezvous. Creating
     the group and every collective fail after `timeout_s` instead of waiting on a stalled rank."""
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -62,7 +69,7 @@ def init_distributed(timeout_s: float = 300) -> Dist:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     global _RANK0_WORK  # waiting for work only rank 0 does (tokenizing, verifying, writing) is not bounded
     _RANK0_WORK = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device, int(os.environ["LOCAL_WORLD_SIZE"]))
+    return Dist(dist.get_rank(), dist.get_world_size(), device, int(os.environ["LOCAL_WORLD_SIZE"]))
 
 
 _RANK0_WORK = None
@@ -94,7 +101,8 @@ def _apply_lora(model: nn.Module, cfg: ShardingConfig):
 
 def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
+                                        fully_shard)
 
     master = next(model.parameters()).dtype
     offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
@@ -108,14 +116,17 @@ def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
     # backward needs it first.
     for block in model.lm.get_decoder().layers:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    kw["mp_policy"] = dataclasses.replace(kw["mp_policy"], cast_forward_inputs=False)  # the root's one float
+    #   input is loss_weight, kept in fp32
     fully_shard(model, reshard_after_forward=False, **kw)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):  # FSDP2 reduce-scatters each unit's gradients in backward, through ours
+            m.set_custom_reduce_scatter(_CombineInBackward())
 
 
 def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool = True) -> nn.Module:
     """`model` is model_setup.PackedCausalLM, real on rank 0; with fsdp2 and `from_rank0`, on the meta device on
     the other ranks, which then receive their shards from rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     if cfg.lora_rank:
         _apply_lora(model, cfg)
     if cfg.strategy == "fsdp2":
@@ -133,10 +144,13 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool
     return model
 
 
-def wrap_deepspeed(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_norm: float):
-    """DeepSpeed's engine around our model and optimizer, configured from our YAML. The loop keeps its own
-    accumulation (a boundary flag per micro-step, since the number of micro-steps varies) and loss scaling, so
-    DeepSpeed runs with one micro-batch per 'step' and averages gradients over ranks as FSDP2 does."""
+def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_norm: float):
+    """(model, optimizer) as the loop uses them: unchanged, or under `deepspeed` its engine around both,
+    configured from our YAML. The loop keeps its own accumulation (a boundary flag per micro-step, since the
+    number of micro-steps varies) and loss scaling, so DeepSpeed runs with one micro-batch per 'step' and averages
+    gradients over ranks as FSDP2 does."""
+    if cfg.strategy != "deepspeed":
+        return model, optimizer
     try:
         import deepspeed
     except ImportError:
@@ -154,23 +168,71 @@ def wrap_deepspeed(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_no
     return engine, optimizer
 
 
-def is_deepspeed(model: nn.Module) -> bool:
-    """Whether `model` is the engine that wrap_deepspeed returned."""
+def _is_deepspeed(model: nn.Module) -> bool:
     return hasattr(model, "set_gradient_accumulation_boundary")
 
 
 def backward(model: nn.Module, loss: torch.Tensor, last_micro_step: bool):
-    if is_deepspeed(model):
+    if _is_deepspeed(model):
         model.set_gradient_accumulation_boundary(last_micro_step)
         model.backward(loss)
     else:
         loss.backward()
 
 
+def combine_gradients(grads: torch.Tensor, out: torch.Tensor | None, group, op=dist.ReduceOp.SUM):
+    """The one place gradients cross ranks (`none` and `fsdp2`; DeepSpeed reduces its own way). `grads` is one
+    flat buffer of this rank's gradients: all of them, once per step, under `none` (reduce_gradients); under
+    FSDP2 one unit's, in its reduce dtype (model.dtype), at each backward. The result goes back into `grads`
+    (out is None: an all-reduce) or into `out`, this rank's shard (FSDP2: a reduce-scatter). `op` is a sum; the
+    callers divide by the world size. Edit this to change what is reduced, in which dtype, or over which group."""
+    if out is None:
+        dist.all_reduce(grads, op=op, group=group)
+    else:
+        dist.reduce_scatter_tensor(out, grads, op=op, group=group)
+
+
+class _CombineInBackward:
+    """FSDP2's reduce-scatter communication (FSDPModule.set_custom_reduce_scatter), routed to combine_gradients;
+    FSDP2 still chooses the buffers and the division by the world size."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        combine_gradients(input_tensor, output_tensor, group, op)
+
+
+def reduces_in_backward(cfg: ShardingConfig) -> bool:
+    """Whether gradients are already combined over ranks after each backward (FSDP2, DeepSpeed) or only by
+    reduce_gradients after the last micro-step (`none`)."""
+    return cfg.strategy != "none"
+
+
+def grad_sq_norm(model: nn.Module) -> torch.Tensor:
+    """The sum of squares of the gradients this rank holds (its shards under FSDP2: summed over ranks, the
+    global one), without communication."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return sum((g.to_local() if hasattr(g, "to_local") else g).float().pow(2).sum() for g in grads)
+
+
+def reduce_gradients(model: nn.Module, cfg: ShardingConfig, d: Dist):
+    """Averages gradients over ranks under `none`, after the last micro-step, in one flat buffer (FSDP2 and
+    DeepSpeed reduced them during backward)."""
+    if cfg.strategy != "none" or d.world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    combine_gradients(flat, None, None)
+    flat /= d.world_size  # gloo has no AVG
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
 def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: bool) -> float:
     """Clips to `max_grad_norm` (0 = no clipping) and, if `update`, steps; returns the gradient norm before
     clipping (DeepSpeed clips inside its step and reports the norm after it)."""
-    if is_deepspeed(model):
+    if _is_deepspeed(model):
         if update:
             model.step()
         else:
@@ -184,14 +246,38 @@ def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: boo
     return norm
 
 
-def reduce_gradients(model: nn.Module, cfg: ShardingConfig, d: Dist):
-    """Averages gradients over ranks. FSDP2 and DeepSpeed already reduced them during backward; with `none` they
-    are all-reduced here in one flat buffer. Edit this to aggregate gradients differently."""
-    if cfg.strategy != "none" or d.world_size == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)  # gloo has no AVG
-    flat /= d.world_size
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+def _state_dicts(model: nn.Module, optimizer) -> dict:
+    """FQN-keyed model and optimizer state; sharded (DTensor) under FSDP2. Frozen weights are left out: a LoRA
+    run rebuilds its base from model.path (or the seed) exactly as it did at the start."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_state(model: nn.Module, optimizer, path: Path):
+    """Every rank writes its part of the trained weights and the optimizer state under `path`
+    (torch.distributed.checkpoint: readable on any world size and by `none` or `fsdp2`; DeepSpeed's own format)."""
+    if _is_deepspeed(model):
+        model.save_checkpoint(str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
+    else:
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=path / "dcp")
+
+
+def load_state(model: nn.Module, optimizer, path: Path):
+    """Every rank restores what `save_state` wrote, in place."""
+    if _is_deepspeed(model):  # not strict: frozen weights were left out at save
+        model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False, load_lr_scheduler_states=False)
+    else:
+        sd = _state_dicts(model, optimizer)
+        dcp.load(sd, checkpoint_id=path / "dcp")  # fails on any key of `sd` that the checkpoint lacks
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The full weights of `model.lm` (HF names) on rank 0's CPU, gathered from every rank (all take part); empty
+    or partial on the others."""
+    if _is_deepspeed(model) and model.zero_optimization_stage() == 3:
+        state = model._zero3_consolidated_16bit_state_dict() or {}  # None on the other ranks
+        return {k.removeprefix("lm."): v for k, v in state.items()}
+    # full_state_dict gathers sharded (DTensor) weights; cpu_offload: the gathered copy on rank 0's CPU only
+    return get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

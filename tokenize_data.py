@@ -9,7 +9,7 @@ of the FORMATS below (detected from its first record). Reading and the parallel,
 (Arrow, memory-mapped): a source is never held as a Python list. The cache is a directory keyed by a hash of the
 input contents, the tokenizer, its chat template and the options, so a changed input is never served stale. It
 holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sample `offsets` (int64, n+1), supervised target
-counts `loss_tokens` and `source` ids, and `meta.json` (counts per source, skips and drops by reason).
+`source` ids, and `meta.json` (counts per source, skips and drops by reason).
 """
 
 import hashlib
@@ -20,11 +20,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
-CACHE_VERSION = 3  # bump when the tokenization logic changes, so old caches are not reused
+import config
+
+CACHE_VERSION = 4  # bump when the tokenization logic changes, so old caches are not reused
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
                   "assistant": "assistant"}
@@ -34,19 +36,20 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 @dataclass
 class Source:
     path: str = ""  # a .jsonl/.json/.parquet file, a directory of them, a save_to_disk directory, or a hub id
-    weight: float = 1.0  # samples per epoch as a multiple of the source's size: 2.0 = each twice, 0.5 = a seeded
+    weight: Annotated[float, config.gt(0)] = 1.0  # samples per epoch as a multiple of the source's size: 2.0 = each twice, 0.5 = a seeded
     #   half (another half each epoch); a fractional part is sampled by seed too
     format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text"] = "auto"
 
 
+@config.section("data")
 @dataclass
 class DataConfig:
     train_files: list[str | Source] = field(default_factory=list)  # sources: a path, or {path, weight, format}
     eval_files: list[str | Source] = field(default_factory=list)  # sources of the eval loss (train.eval_every_steps)
-    max_seq_len: int = 4096  # longest sample kept, in tokens; longer ones are dropped and counted
+    max_seq_len: Annotated[int, config.ge(1)] = 4096  # longest sample kept, in tokens; longer ones are dropped and counted
     on_bad_sample: Literal["error", "skip"] = "error"  # error: stop at the first, naming its place; skip: count
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
-    num_proc: int = 1  # tokenizer processes; they split the records of each source
+    num_proc: Annotated[int, config.ge(1)] = 1  # tokenizer processes; they split the records of each source
 
 
 class DataError(ValueError):
@@ -570,9 +573,9 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     return out
 
 
-def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, int]:
     """Copies the kept samples of every mapped source, in order, into the flat arrays of the cache; returns the
-    samples' lengths and supervised target counts."""
+    samples' lengths and the number of tokens the mask trains."""
     import pyarrow.compute as pc
 
     lengths = np.concatenate([pc.list_value_length(t["input_ids"]).to_numpy(zero_copy_only=False)[keep]
@@ -582,7 +585,7 @@ def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.nda
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids, mask = (_npy_file(tmp / name, dtype, int(offsets[-1])) for name, dtype in (("input_ids.npy", np.int32),
                                                                                     ("loss_mask.npy", np.uint8)))
-    loss_tokens, source = [], []
+    trained, source = 0, []
     for table, keep, s in mapped:
         start = 0
         for batch in table.to_batches(max_chunksize=4096):
@@ -595,17 +598,12 @@ def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, np.nda
             flat_mask = batch["loss_mask"].flatten().to_numpy()
             ids.write(flat_ids.astype(np.int32, copy=False).tobytes())
             mask.write(flat_mask.astype(np.uint8, copy=False).tobytes())
-            # supervised targets per sample after the per-sample shift: a sample's first token is never a target
-            starts = batch["input_ids"].offsets.to_numpy()[:-1] - batch["input_ids"].offsets[0].as_py()
-            trained = np.add.reduceat(flat_mask.astype(np.int64), starts) - flat_mask[starts]
-            loss_tokens.append(trained)
+            trained += int(flat_mask.sum())
             source.append(np.full(len(batch), s, np.int32))
     ids.close(), mask.close()
-    loss_tokens = np.concatenate(loss_tokens).astype(np.int64)
     np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "loss_tokens.npy", loss_tokens)
     np.save(tmp / "source.npy", np.concatenate(source))
-    return lengths, loss_tokens
+    return lengths, trained
 
 
 def _npy_file(path: Path, dtype, n: int):
@@ -617,7 +615,7 @@ def _npy_file(path: Path, dtype, n: int):
     return f
 
 
-def _meta(sources: list[dict], lengths: np.ndarray, loss_tokens: np.ndarray, key: str, eot_text: str) -> dict:
+def _meta(sources: list[dict], lengths: np.ndarray, trained: int, key: str, eot_text: str) -> dict:
     if not sum(s["trains_eot"] for s in sources):
         raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model would never "
                         "learn to stop; check the chat template (it must write an end-of-turn token after each "
@@ -628,7 +626,7 @@ def _meta(sources: list[dict], lengths: np.ndarray, loss_tokens: np.ndarray, key
             skipped[reason] = skipped.get(reason, 0) + n
     return {"sources": sources, "samples": len(lengths), "skipped": skipped,
             "dropped": {"longer_than_max_seq_len": sum(s["longer_than_max_seq_len"] for s in sources)},
-            "tokens": int(lengths.sum()), "loss_tokens": int(loss_tokens.sum()),
+            "tokens": int(lengths.sum()), "trained_tokens": trained,
             "end_of_turn": eot_text,
             "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}}
 
@@ -643,7 +641,6 @@ class TokenCache:
         self.loss_mask = np.load(self.path / "loss_mask.npy", mmap_mode="r")
         self.offsets = np.load(self.path / "offsets.npy")
         self.lengths = np.diff(self.offsets)
-        self.loss_tokens = np.load(self.path / "loss_tokens.npy")
         self.source = np.load(self.path / "source.npy")  # (n,) index into meta["sources"]
         self.source_names = [s["name"] for s in self.meta["sources"]]
 
@@ -658,7 +655,7 @@ class TokenCache:
 def summary(cache: TokenCache) -> str:
     m = cache.meta
     lines = [f"tokenized {len(m['sources'])} source(s): {m['samples']:,} samples, {m['tokens']:,} tokens, "
-             f"{m['loss_tokens']:,} supervised; lengths " + " ".join(f"{k}={v}" for k, v in
+             f"{m['trained_tokens']:,} trained; lengths " + " ".join(f"{k}={v}" for k, v in
                                                                    m["length_percentiles"].items())]
     for s in m["sources"]:
         skipped = sum(s["skipped"].values())
@@ -686,18 +683,15 @@ def preview(cache: TokenCache, tokenizer, n: int, color: bool) -> str:
 
 
 def main(argv: list[str]):
-    import config
-    from train import SECTIONS
-
     n_preview = 0
     if "--preview" in argv:
         i = argv.index("--preview")
         n_preview, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
-    cfg = config.cli(SECTIONS, argv)
+    cfg = config.cli(argv, ("data", "model"))
     try:
-        tokenizer = load_tokenizer(cfg["model"].path)
-        for key in ("train_files", "eval_files") if cfg["data"].eval_files else ("train_files",):
-            cache = TokenCache(build_cache(getattr(cfg["data"], key), tokenizer, cfg["data"], f"data.{key}"))
+        tokenizer = load_tokenizer(cfg.model.path)
+        for key in ("train_files", "eval_files") if cfg.data.eval_files else ("train_files",):
+            cache = TokenCache(build_cache(getattr(cfg.data, key), tokenizer, cfg.data, f"data.{key}"))
             print(summary(cache))
             if n_preview and key == "train_files":
                 print(preview(cache, tokenizer, n_preview, sys.stdout.isatty()))

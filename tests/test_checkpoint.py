@@ -156,11 +156,11 @@ def test_rotation_never_deletes_the_checkpoint_latest_names(tmp_path):
 def test_bad_resume_settings_are_refused_with_the_fix(tmp, ref):
     """train.main checks the checkpoint's trainer state and config before it loads a model."""
     def resume_point(**over):
-        cfg = config.load(QS_CONFIG, train.SECTIONS, args(tmp, "bad", **over)[2:])
+        cfg = config.load(QS_CONFIG, args(tmp, "bad", **over)[2:])
         cache = tokenize_data.TokenCache(tokenize_data.build_cache(
-            cfg["data"].train_files, tokenize_data.load_tokenizer(cfg["model"].path), cfg["data"]))
+            cfg.data.train_files, tokenize_data.load_tokenizer(cfg.model.path), cfg.data))
         with pytest.raises(SystemExit) as e:
-            train._resume_point(tmp / "bad", cfg, cache, sharding.Dist(0, 0, 1, torch.device("cpu")))
+            train._resume_point(tmp / "bad", cfg, cache, sharding.Dist(0, 1, torch.device("cpu")))
         return str(e.value.code)
 
     msg = resume_point(**{"checkpoint.resume": ref / "checkpoints/step-5", "sampler.batch_size": 16,
@@ -281,7 +281,7 @@ def test_exports_reload_with_the_logits_of_the_model_in_memory(tmp_path):
     model = model_setup.load_model(cfg, torch.device("cpu"))
     base_state = {k: v.clone() for k, v in model.lm.state_dict().items()}
     lora = sharding.ShardingConfig(strategy="none", lora_rank=4, lora_alpha=8.0)
-    model = sharding.shard_model(model, lora, sharding.Dist(0, 0, 1, torch.device("cpu")))
+    model = sharding.shard_model(model, lora, sharding.Dist(0, 1, torch.device("cpu")))
     for name, p in model.named_parameters():  # trained-looking adapters (peft initializes lora_B to zero)
         if "lora_B" in name:
             p.normal_(0, 0.1)

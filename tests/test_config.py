@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 
 import config
+import train  # noqa: F401  (imports every stage, which registers its section)
+from config import SECTIONS
 from conftest import ROOT
-from train import SECTIONS
 
 
 def load_text(tmp_path, text, *overrides):
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    return config.load(str(path), SECTIONS, list(overrides))
+    return config.load(str(path), list(overrides))
 
 
 def test_unknown_key_suggests_nearest(tmp_path):
@@ -42,7 +43,7 @@ def test_all_problems_reported_at_once(tmp_path):
 
 def test_types(tmp_path):
     cfg = load_text(tmp_path, "train:\n  lr: 1e-3\n  max_steps: 5\ndata:\n  train_files: [a.jsonl]\n")
-    assert cfg["train"].lr == 1e-3 and isinstance(cfg["train"].lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
     with pytest.raises(config.ConfigError, match=r"data.train_files\[1\]: expected str, got int"):
         load_text(tmp_path, "data:\n  train_files: [a.jsonl, 3]\n")
     with pytest.raises(config.ConfigError, match="train.max_steps: expected int, got bool"):
@@ -51,10 +52,10 @@ def test_types(tmp_path):
 
 def test_override_precedence(tmp_path):
     cfg = load_text(tmp_path, "train:\n  lr: 1.0e-4\n  seed: 3\n", "--train.lr=5e-4", "--sampler.batch_size=7")
-    assert cfg["train"].lr == 5e-4  # override beats the file
-    assert cfg["train"].seed == 3  # the file beats the default
-    assert cfg["train"].epochs == 1  # default
-    assert cfg["sampler"].batch_size == 7
+    assert cfg.train.lr == 5e-4  # override beats the file
+    assert cfg.train.seed == 3  # the file beats the default
+    assert cfg.train.epochs == 1  # default
+    assert cfg.sampler.batch_size == 7
     with pytest.raises(config.ConfigError, match="train.lrr: unknown key; did you mean 'train.lr'"):
         load_text(tmp_path, "", "--train.lrr=1")
     with pytest.raises(config.ConfigError, match="expected --section.key=value"):
@@ -64,13 +65,14 @@ def test_override_precedence(tmp_path):
 def test_dump_round_trips(tmp_path):
     cfg = load_text(tmp_path, "train:\n  lr: 1.0e-4\n")
     (tmp_path / "d.yaml").write_text(config.dump(cfg))
-    assert config.load(str(tmp_path / "d.yaml"), SECTIONS) == cfg
+    assert config.load(str(tmp_path / "d.yaml")) == cfg
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path):
-    cfg = config.load(str(path), SECTIONS)
-    assert set(cfg) == set(SECTIONS)
+    cfg = config.load(str(path))
+    assert all(getattr(cfg, name) is not None for name in SECTIONS)
+    assert train.check(cfg, launch=False) == []
 
 
 def test_readme_documents_every_key():
@@ -92,13 +94,9 @@ def test_setup_mistakes_end_in_one_error_naming_the_key_and_the_fix(tmp_path):
     (tmp_path / "a_file").write_text("")
     cases = {  # overrides: what the error must say
         "model_path": ({"model.path": tmp_path / "nowhere"}, "model.path: " + str(tmp_path / "nowhere") + " does not"),
-        "no_config_json": ({"model.path": tmp_path / "no_config"}, "has no config.json"),
         "too_long": ({"sampler.max_tokens_per_rank": 16, "data.max_seq_len": 4096},
                      "more than sampler.max_tokens_per_rank=16"),
-        "lora_rank": ({"sharding.lora_rank": -4}, "sharding.lora_rank: -4 is out of range; it must be >= 0"),
         "output_dir": ({"train.output_dir": tmp_path / "a_file/run"}, f"train.output_dir: {tmp_path}/a_file/run"),
-        "data_file": ({"data.train_files": f"[{tmp_path / 'missing.jsonl'}]"}, "missing.jsonl does not exist"),
-        "lr": ({"train.lr": 0}, "train.lr: 0.0 is out of range; it must be > 0"),
         "override_type": ({"train.max_steps": "many"}, "command line: --train.max_steps: expected"),
     }
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -113,3 +111,31 @@ def test_setup_mistakes_end_in_one_error_naming_the_key_and_the_fix(tmp_path):
             assert p.returncode == 1, (n, out, err)
             assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, (n, err)
             assert err.startswith("error: ") and cases[n][1] in err, (n, err)
+
+
+def test_bounds_and_paths_are_checked_before_anything_runs(tmp_path):
+    """Numbers out of range are config errors with their YAML line; paths are train.check's, which creates nothing."""
+    with pytest.raises(config.ConfigError) as e:
+        load_text(tmp_path, "train:\n  lr: 0\n  min_lr_ratio: 1.5\nsharding:\n  lora_rank: -4\n",
+                  "--data.train_files=[{path: a.jsonl, weight: 0}]")
+    msg = str(e.value)
+    assert "c.yaml:2: train.lr: 0.0 is out of range; it must be > 0" in msg
+    assert "c.yaml:3: train.min_lr_ratio: 1.5 is out of range; it must be >= 0 and <= 1" in msg
+    assert "c.yaml:5: sharding.lora_rank: -4 is out of range; it must be >= 0" in msg
+    assert "command line: --data.train_files.weight: 0.0 is out of range" in msg or \
+        "data.train_files[0].weight: 0.0 is out of range" in msg
+    (tmp_path / "no_config").mkdir()
+    cfg = load_text(tmp_path, f"model:\n  path: {tmp_path / 'no_config'}\ndata:\n  train_files: [{tmp_path / 'x.jsonl'}]\n"
+                    f"train:\n  output_dir: {tmp_path / 'out/run'}\n")
+    problems = train.check(cfg)
+    assert any("has no config.json" in p for p in problems) and any("x.jsonl does not exist" in p for p in problems)
+    assert len(problems) == 3 and not (tmp_path / "out").exists()  # no tokenizer either; nothing created
+
+
+def test_check_prints_the_resolved_config_or_the_errors(tmp_path):
+    ok = subprocess.run([sys.executable, "train.py", "--config", str(ROOT / "configs/quickstart.yaml"), "--check",
+                         "--train.lr=1e-3"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "lr: 0.001" in ok.stdout and ok.stderr == "", ok.stderr
+    bad = subprocess.run([sys.executable, "train.py", "--config", str(ROOT / "configs/quickstart.yaml"), "--check",
+                          "--model.path=nowhere/at/all"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: model.path: nowhere/at/all does not exist")

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import logging_utils
 import model_setup
+import sampler
 import sharding
 import tokenize_data
 from conftest import ROOT, metrics, run_args
@@ -81,8 +82,8 @@ def test_an_epoch_of_metrics_adds_up_to_the_token_cache(run):
     cache = tokenize_data.TokenCache(tokenize_data.build_cache(
         [data], AutoTokenizer.from_pretrained(run_dir / "hf"), tokenize_data.DataConfig(max_seq_len=128)))
     assert len(rows) == 6
-    for key, total in (("samples", len(cache)), ("tokens", cache.meta["tokens"]),
-                       ("loss_tokens", cache.meta["loss_tokens"])):
+    targets = sum(len(sampler.targets([cache[i]])[0]) for i in range(len(cache)))
+    for key, total in (("samples", len(cache)), ("tokens", cache.meta["tokens"]), ("loss_tokens", targets)):
         assert sum(m[key] for m in rows) == summary[key] == total, key
     for m in rows:
         assert m["step_time_s"] == pytest.approx(m["data_wait_s"] + m["compute_s"])
@@ -138,3 +139,27 @@ def test_every_metric_and_summary_key_is_documented(run):
     keys |= json.loads((run_dir / "summary.json").read_text()).keys()
     missing = sorted(k for k in keys if f"`{k}`" not in readme)
     assert not missing, f"README.md does not describe: {missing}"
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_noise_scale_estimate_on_a_known_gradient_variance(reduced):
+    """Per-token gradients g = mu + sigma z in D dimensions: B_simple = tr(Sigma) / |mu|^2 = D sigma^2 / |mu|^2 = 100
+    tokens. Each step is 400 tokens on 2 ranks whose first micro-batches hold 50 tokens each, fed to NoiseScale
+    as the loop does: the gradient held after the first micro-step is that micro-batch's token sum x world / N
+    (`none`: each rank's own; FSDP2: averaged over ranks in backward). Within 10%."""
+    g = torch.Generator().manual_seed(0)
+    D, N, n, world = 50, 400, 50, 2
+    mu = torch.randn(D, generator=g)
+    mu *= (0.5 / mu.pow(2).sum()).sqrt()  # |mu|^2 = 0.5, tr(Sigma) = D = 50
+    noise = logging_utils.NoiseScale(reduced, world, beta=0.999)
+    for _ in range(3000):
+        tokens = mu + torch.randn(N, D, generator=g)
+        first = [tokens[r * N // world:r * N // world + n] for r in range(world)]  # each rank's first micro-batch
+        held = [f.sum(0) * world / N for f in first]
+        if reduced:  # combined over ranks in backward; each rank holds one half of the vector (its shard)
+            full = sum(held) / world
+            parts = sum(noise.parts(full[r * D // 2:(r + 1) * D // 2].pow(2).sum(), n, N) for r in range(world))
+        else:
+            parts = sum(noise.parts(h.pow(2).sum(), n, N) for h in held)
+        estimate = noise.update(parts.tolist(), tokens.mean(0).norm().item(), N)
+    assert estimate == pytest.approx(100, rel=0.1)

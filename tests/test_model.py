@@ -87,21 +87,31 @@ def test_packed_loss_and_grads_equal_unpacked_cross_entropy(name):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name_)
 
 
-def test_chunked_loss_equals_cross_entropy():
+@pytest.mark.parametrize("scale,softcap,weighted", [(1.0, None, False), (0.25, None, True), (1.0, 3.0, True)])
+def test_chunked_loss_equals_the_plain_one(scale, softcap, weighted):
+    """model.loss chunked (fused, gradients in forward) == plain (the readable one a fork edits): values, token
+    losses and gradients, fp32, <= 1e-6; with softcap and scale (Gemma-2, Granite) and per-token weights."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 16, generator=g, requires_grad=True)
     weight = torch.randn(40, 16, generator=g, requires_grad=True)
-    idx = torch.tensor([0, 3, 4, 10, 11, 12, 30, 49])
-    targets = torch.randint(0, 40, (8,), generator=g)
-    loss, token_losses = model_setup.compute_loss(hidden, weight, idx, targets, chunk=3)  # three chunks
-    expected = F.cross_entropy(hidden[idx] @ weight.t(), targets, reduction="none")
-    torch.testing.assert_close(token_losses, expected.detach())
-    expected = expected.sum()
-    torch.testing.assert_close(loss, expected)
-    gh, gw = torch.autograd.grad(loss, (hidden, weight))
-    eh, ew = torch.autograd.grad(expected, (hidden, weight))
-    torch.testing.assert_close(gh, eh)
-    torch.testing.assert_close(gw, ew)
+    batch = {"loss_idx": torch.tensor([0, 3, 4, 10, 11, 12, 30, 49]), "targets": torch.randint(0, 40, (8,), generator=g)}
+    if weighted:
+        batch["loss_weight"] = torch.rand(8, generator=g) * 2
+    plain, plain_tokens = model_setup.compute_loss(hidden, weight, batch, scale, softcap)
+    fused, fused_tokens = model_setup.compute_loss_chunked(hidden, weight, batch, scale, softcap, chunk=3)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused_tokens, plain_tokens, atol=1e-6, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_weights_of_one_reproduce_the_unweighted_loss_exactly():
+    ours, _ = models("llama")
+    batch = sampler.collate(samples(), torch.device("cpu"))
+    del batch["loss_seg"]
+    loss, tokens = ours(**batch)
+    ones = ours(**batch | {"loss_weight": torch.ones(len(batch["targets"]))})
+    assert torch.equal(loss, ones[0]) and torch.equal(tokens, ones[1])
 
 
 def test_empty_micro_batch_has_zero_loss_but_reaches_every_parameter():

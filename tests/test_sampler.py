@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sampler import MultipackPlan, SamplerConfig, collate, plan_stats
+from sampler import MultipackPlan, SamplerConfig, collate, plan_stats, step_targets, targets
 
 
 def distributions():
@@ -22,21 +22,18 @@ def distributions():
 @pytest.mark.parametrize("world_size", [1, 2, 8])
 def test_plan_properties(name, lengths, world_size):
     cfg = SamplerConfig(batch_size=64, max_tokens_per_rank=1000)
-    plans = [MultipackPlan(lengths, cfg, world_size, r, seed=3) for r in range(world_size)]
-    p = plans[0]
+    p = MultipackPlan(lengths, cfg, world_size, seed=3)
     for epoch in (0, 1):
         seen = []
         for step in range(p.steps_per_epoch):
             full = p.plan(epoch, step)
-            assert all(q.plan(epoch, step) == full for q in plans)  # identical on every rank
-            assert [q.micro_batches(epoch, step) for q in plans] == full
             assert len({len(r) for r in full}) == 1  # same number of micro-steps everywhere
             assert all(sum(lengths[i] for i in mb) <= cfg.max_tokens_per_rank for r in full for mb in r)
             step_samples = [i for r in full for mb in r for i in mb]
             assert sorted(step_samples) == sorted(p.step_samples(epoch, step).tolist())
             seen += step_samples
         assert sorted(seen) == list(range(len(lengths)))  # each sample exactly once per epoch
-    other = MultipackPlan(lengths, cfg, world_size, 0, seed=3)
+    other = MultipackPlan(lengths, cfg, world_size, seed=3)  # another rank's copy
     assert [other.plan(1, s) for s in range(p.steps_per_epoch)] == [p.plan(1, s) for s in range(p.steps_per_epoch)]
 
 
@@ -45,35 +42,26 @@ def test_step_composition_does_not_depend_on_world_size():
     cfg = SamplerConfig(batch_size=100, max_tokens_per_rank=2000)
     per_world = {}
     for w in (1, 2, 8):
-        p = MultipackPlan(lengths, cfg, w, 0, seed=7)
+        p = MultipackPlan(lengths, cfg, w, seed=7)
         per_world[w] = [sorted(i for r in p.plan(2, s) for mb in r for i in mb) for s in range(p.steps_per_epoch)]
     assert per_world[1] == per_world[2] == per_world[8]
 
 
-def test_resume_mid_epoch_is_the_same_plan():
-    lengths = np.random.default_rng(2).integers(1, 500, 1000)
-    cfg = SamplerConfig(batch_size=50, max_tokens_per_rank=2000)
-    run = MultipackPlan(lengths, cfg, 2, 1, seed=5)
-    uninterrupted = [run.micro_batches(0, s) for s in range(run.steps_per_epoch)]
-    resumed = MultipackPlan(lengths, cfg, 2, 1, seed=5)
-    resumed.load_state_dict({"epoch": 0, "step": 13})
-    assert resumed.state_dict() == {"epoch": 0, "step": 13}
-    assert [resumed.micro_batches(0, s) for s in range(13, run.steps_per_epoch)] == uninterrupted[13:]
-
-
-def test_loss_tokens_sum_over_the_whole_step():
-    lengths = np.arange(1, 41)
-    loss_tokens = np.arange(40) % 7
-    p = MultipackPlan(lengths, SamplerConfig(batch_size=16, max_tokens_per_rank=100), 2, 0, seed=0)
-    for s in range(p.steps_per_epoch):
-        idx = [i for r in p.plan(0, s) for mb in r for i in mb]
-        assert p.loss_tokens(0, s, loss_tokens) == loss_tokens[idx].sum()
+def test_targets_shift_per_sample_and_the_step_normalizer_counts_them():
+    a = (np.array([5, 6, 7, 8]), np.array([0, 1, 1, 1], np.uint8))
+    b = (np.array([9, 10, 11]), np.array([1, 0, 1], np.uint8))
+    pos, tgt, seg, weight = targets([a, b])
+    # a: positions 0-2 predict 6, 7, 8; its last position (3) predicts nothing; b: position 5 predicts 11
+    assert pos.tolist() == [0, 1, 2, 5] and tgt.tolist() == [6, 7, 8, 11] and seg.tolist() == [0, 0, 0, 1]
+    assert weight is None
+    counts, weights, n = step_targets([a, b, a])
+    assert counts.tolist() == [3, 1, 3] and weights.tolist() == [3, 1, 3] and n == 7
 
 
 def test_too_long_sample_is_a_startup_error():
     with pytest.raises(ValueError, match=r"sample 2 has 900 tokens, more than sampler.max_tokens_per_rank=800 "
                                          r"\(1 such samples\); raise sampler.max_tokens_per_rank"):
-        MultipackPlan(np.array([10, 20, 900]), SamplerConfig(batch_size=2, max_tokens_per_rank=800), 1, 0, 0)
+        MultipackPlan(np.array([10, 20, 900]), SamplerConfig(batch_size=2, max_tokens_per_rank=800), 1, 0)
 
 
 def test_realistic_sft_distribution_is_balanced_at_the_lower_bound():
@@ -81,7 +69,7 @@ def test_realistic_sft_distribution_is_balanced_at_the_lower_bound():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(500), np.log(1700 / 500) / 1.645, 1024 * 60).astype(int), 8, 8192)
     assert 450 < np.median(lengths) < 550 and 1500 < np.percentile(lengths, 95) < 1900
-    p = MultipackPlan(lengths, SamplerConfig(batch_size=1024, max_tokens_per_rank=8192), 8, 0, seed=0)
+    p = MultipackPlan(lengths, SamplerConfig(batch_size=1024, max_tokens_per_rank=8192), 8, seed=0)
     at_bound = 0
     for step in range(p.steps_per_epoch):
         per_rank = [sum(lengths[i] for mb in r for i in mb) for r in p.plan(0, step)]

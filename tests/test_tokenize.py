@@ -230,7 +230,6 @@ def test_text_format_trains_every_token_and_appends_eos(tmp_path):
     cache = TokenCache(build_cache([path], tok, DataConfig(cache_dir=str(tmp_path / "c"))))
     ids, mask = cache[0]
     assert tok.decode(ids.tolist()) == "hello world<|eot_id|>" and mask.all()
-    assert cache.loss_tokens[0] == len(ids) - 1
 
 
 def test_format_is_detected_and_can_be_set(tmp_path):
@@ -249,7 +248,7 @@ def test_format_is_detected_and_can_be_set(tmp_path):
 
 def test_mixture_counts_are_exact_and_fractions_vary_by_epoch():
     sources = np.repeat([0, 1, 2], [100, 60, 40])
-    plan = sampler.MultipackPlan(np.ones(200, int), sampler.SamplerConfig(batch_size=16), 1, 0, 7, sources,
+    plan = sampler.MultipackPlan(np.ones(200, int), sampler.SamplerConfig(batch_size=16), 1, 7, sources,
                                  [2.0, 0.5, 1.5])
     halves = []
     for epoch in range(3):
@@ -372,8 +371,7 @@ def test_cache_counts_drops_and_is_keyed_by_content(tmp_path):
         ids, mask = cache[i]
         assert ids.tolist() == expected["input_ids"]
         assert mask.tolist() == [int(x != -100) for x in expected["labels"]]
-        assert cache.loss_tokens[i] == sum(x != -100 for x in expected["labels"][1:])
-    assert cache.meta["loss_tokens"] == cache.loss_tokens.sum()
+    assert cache.meta["trained_tokens"] == sum(int(cache[i][1].sum()) for i in range(len(cache)))
     assert build_cache([str(path)], tok, cfg) == first  # reused
     write_jsonl(path, [QS[0]])
     assert build_cache([str(path)], tok, cfg) != first  # changed input: never stale

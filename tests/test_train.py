@@ -3,11 +3,14 @@ end-to-end torchrun run whose outputs are checked. The runs come from the `runs`
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import sampler
+import tokenize_data
 from conftest import ROOT, metrics, run_args, strategy_args, torchrun, write_jsonl
 
 KEYS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "loss_tokens", "tokens_per_s", "packing_efficiency",
@@ -51,11 +54,42 @@ def test_end_to_end_outputs(runs):
     assert model.config._attn_implementation != "packed"  # the export is a plain HF model
     ids = tok.apply_chat_template([{"role": "user", "content": "Count from a to e."}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1] == tok.eos_token_id
     loaded = {k: v for k, v in model.state_dict().items()}
     for k, v in weights(run).items():
         assert torch.equal(loaded[k], v)
+    # the export's logits are those of the trained weights: its loss on the training chats is the run's
+    # (the last step's loss was computed before its update, so the export's is lower than the first step's)
+    batch = sampler.collate([cache_sample for cache_sample in _quickstart_samples(tok, 16)], torch.device("cpu"))
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    assert torch.nn.functional.cross_entropy(logits[batch["loss_idx"]], batch["targets"]).item() < rows[0]["loss"]
+
+
+def _quickstart_samples(tok, n):
+    lines = (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:n]
+    out = []
+    for line in lines:
+        s = tokenize_data.tokenize_sample(json.loads(line), tok)
+        out.append((np.array(s["input_ids"]), (np.array(s["labels"]) != -100).astype(np.uint8)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["micro", "replicated2", "fsdp2"])
+def test_per_sample_losses_weight_sum_to_the_step_loss_and_the_noise_scale_is_logged(runs, name):
+    """sample_losses.jsonl holds every sample of every step once (index, source, mean loss, tokens); token-weighted
+    they give the step's loss. The noise scale is finite and positive (after the first step, which initializes it)."""
+    rows = metrics(runs / name)
+    per_step = {}
+    for line in (runs / name / "sample_losses.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        per_step.setdefault(r["step"], []).append(r)
+    assert sorted(per_step) == [m["step"] for m in rows]
+    for m in rows:
+        samples = per_step[m["step"]]
+        assert sum(r["tokens"] for r in samples) == m["loss_tokens"] and len(samples) <= m["samples"]
+        weighted = sum(r["loss"] * r["tokens"] for r in samples) / m["loss_tokens"]
+        assert weighted == pytest.approx(m["loss"], rel=1e-6)
+        assert {r["source"] for r in samples} == {"data"}
+    assert all(m["noise_scale"] is not None and m["noise_scale"] > 0 for m in rows[1:]), [m["noise_scale"] for m in rows]
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path, small_data):
