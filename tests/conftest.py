@@ -36,11 +36,16 @@ def run_args(tmp_path: Path, data: str, **overrides) -> list[str]:
 
 
 def torchrun(nproc: int, args: list[str], *extra, timeout: int = 300) -> subprocess.CompletedProcess:
+    return torchrun_in(ROOT, nproc, args, *extra, timeout=timeout)
+
+
+def torchrun_in(repo: Path, nproc: int, args: list[str], *extra, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`repo`'s train.py under torchrun with `nproc` processes (0: a plain process); asserts it succeeded."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra, "train.py", *args]
     if nproc == 0:  # a plain process, no torchrun
         cmd = [sys.executable, "train.py", *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p
 
