@@ -2,7 +2,7 @@
 
 Resumable state goes to `<output_dir>/checkpoints/step-N/`: model and optimizer (torch.distributed.checkpoint:
 each rank writes its own shards, and any world size or sharding can read them back; DeepSpeed's own format under
-DeepSpeed), each rank's RNG states, the trainer state (step, sampler position, counters) and the resolved config.
+DeepSpeed), each rank's RNG states, the trainer state (step, counters) and the resolved config.
 Every save is written to `step-N.tmp` and renamed when complete; `checkpoints/latest` (a one-line file) is
 updated only after that, and old checkpoints are removed last, so a crash at any moment leaves the previous
 checkpoint usable. The file system must be shared by all ranks (every rank writes into the same directory).
@@ -152,7 +152,7 @@ def verify(path: Path) -> str | None:
 
 def save(output_dir: Path, step: int, model: nn.Module, optimizer, state: dict, config_text: str,
          cfg: CheckpointConfig, rank: int) -> Path:
-    """Every rank calls it. `state` (JSON) is the trainer's: step, sampler position, counters. The manifest (size
+    """Every rank calls it. `state` (JSON) is the trainer's: step, counters. The manifest (size
     and CRC32 of every file) is written last, before the rename. If any rank cannot write (disk full, permission),
     the partial directory is removed, `latest` keeps naming the previous checkpoint and SaveError is raised on
     every rank."""

@@ -3,10 +3,13 @@
 `init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU; a plain single process without it).
 `shard_model()` wraps LoRA adapters (peft) when asked, then applies the strategy; under FSDP2, ranks other than 0
 built the model on the meta device (model_setup.load_model) and receive their shards from rank 0 here, so CPU
-memory does not grow with the number of local ranks. `reduce_gradients()` is the one place gradients are combined
-across ranks before the optimizer step. Gradients are averaged over ranks (FSDP2's default, which gloo's lack of
-pre-multiplied sums keeps us from changing), so train.py backpropagates loss_sum * world_size / N_step, where
-N_step counts the supervised tokens of the whole step over all ranks: the mean then gives sum / N_step.
+memory does not grow with the number of local ranks. `combine_gradients()` is the one place gradients cross ranks
+(`none`: once per step, from `reduce_gradients()`; FSDP2: each block's, in backward). Gradients are averaged over
+ranks (FSDP2's default, which gloo's lack of pre-multiplied sums keeps us from changing), so train.py
+backpropagates loss_sum * world_size / N_step, where N_step counts the supervised tokens of the whole step over all
+ranks: the mean then gives sum / N_step. Everything DeepSpeed-specific is here too, behind the functions the loop
+and checkpoint.py call for every strategy: attach_optimizer, backward, clip_and_step, save_state, load_state,
+full_state_dict.
 """
 
 import dataclasses
