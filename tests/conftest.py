@@ -36,7 +36,36 @@ def run_args(tmp_path: Path, data: str, **overrides) -> list[str]:
 
 
 def torchrun(nproc: int, args: list[str], *extra, timeout: int = 300) -> subprocess.CompletedProcess:
+    if nproc == 0:
+        return in_process(args)
     return torchrun_in(ROOT, nproc, args, *extra, timeout=timeout)
+
+
+def in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """train.main(args) in this process, as `python train.py` would run it with OMP_NUM_THREADS=1 (without the
+    seconds of imports a new interpreter costs); its stdout is returned, the signal handlers it installs undone."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+    import train
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    threads, out, cwd = torch.get_num_threads(), io.StringIO(), os.getcwd()
+    torch.set_num_threads(1)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            train.main(list(args))
+    except SystemExit as e:
+        raise AssertionError(f"train.py exited with {e.code!r}\n{out.getvalue()[-3000:]}") from None
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return subprocess.CompletedProcess(["train.py", *args], 0, out.getvalue(), "")
 
 
 def torchrun_in(repo: Path, nproc: int, args: list[str], *extra, timeout: int = 300) -> subprocess.CompletedProcess:

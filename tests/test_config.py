@@ -85,8 +85,8 @@ def test_readme_documents_every_key():
 
 
 def test_setup_mistakes_end_in_one_error_naming_the_key_and_the_fix(tmp_path):
-    """Each typical mistake, run as a plain `python train.py`: exit code 1, at most 3 lines, the key or file named,
-    no traceback. Two processes at a time (their imports take most of the time)."""
+    """A mistake seen at start-up and one seen after tokenizing, each run as a plain `python train.py`: exit code 1,
+    at most 3 lines, the key or file named, no traceback."""
     from conftest import run_args, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:40])
@@ -96,12 +96,10 @@ def test_setup_mistakes_end_in_one_error_naming_the_key_and_the_fix(tmp_path):
         "model_path": ({"model.path": tmp_path / "nowhere"}, "model.path: " + str(tmp_path / "nowhere") + " does not"),
         "too_long": ({"sampler.max_tokens_per_rank": 16, "data.max_seq_len": 4096},
                      "more than sampler.max_tokens_per_rank=16"),
-        "output_dir": ({"train.output_dir": tmp_path / "a_file/run"}, f"train.output_dir: {tmp_path}/a_file/run"),
-        "override_type": ({"train.max_steps": "many"}, "command line: --train.max_steps: expected"),
-    }
+    }  # the other mistakes are checked in this process (test_bounds_and_paths_are_checked_before_anything_runs)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     names = list(cases)
-    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):
+    for pair in (names[i:i + 2] for i in range(0, len(names), 2)):  # two at a time: imports are most of it
         procs = {n: subprocess.Popen([sys.executable, "train.py",
                                       *run_args(tmp_path / n, data, **{"sharding.strategy": "none"} | cases[n][0])],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -122,20 +120,50 @@ def test_bounds_and_paths_are_checked_before_anything_runs(tmp_path):
     assert "c.yaml:2: train.lr: 0.0 is out of range; it must be > 0" in msg
     assert "c.yaml:3: train.min_lr_ratio: 1.5 is out of range; it must be >= 0 and <= 1" in msg
     assert "c.yaml:5: sharding.lora_rank: -4 is out of range; it must be >= 0" in msg
-    assert "command line: --data.train_files.weight: 0.0 is out of range" in msg or \
-        "data.train_files[0].weight: 0.0 is out of range" in msg
+    assert "command line: --data.train_files[0].weight: 0.0 is out of range; it must be > 0" in msg
+    with pytest.raises(config.ConfigError, match="command line: --train.max_steps: expected int, got str 'many'"):
+        load_text(tmp_path, "", "--train.max_steps=many")
     (tmp_path / "no_config").mkdir()
+    (tmp_path / "a_file").write_text("")
     cfg = load_text(tmp_path, f"model:\n  path: {tmp_path / 'no_config'}\ndata:\n  train_files: [{tmp_path / 'x.jsonl'}]\n"
                     f"train:\n  output_dir: {tmp_path / 'out/run'}\n")
     problems = train.check(cfg)
     assert any("has no config.json" in p for p in problems) and any("x.jsonl does not exist" in p for p in problems)
     assert len(problems) == 3 and not (tmp_path / "out").exists()  # no tokenizer either; nothing created
+    cfg.train.output_dir = str(tmp_path / "a_file/run")
+    assert f"train.output_dir: {tmp_path}/a_file/run cannot be written" in train.check(cfg)[-1]
 
 
-def test_check_prints_the_resolved_config_or_the_errors(tmp_path):
-    ok = subprocess.run([sys.executable, "train.py", "--config", str(ROOT / "configs/quickstart.yaml"), "--check",
-                         "--train.lr=1e-3"], cwd=ROOT, capture_output=True, text=True)
-    assert ok.returncode == 0 and "lr: 0.001" in ok.stdout and ok.stderr == "", ok.stderr
-    bad = subprocess.run([sys.executable, "train.py", "--config", str(ROOT / "configs/quickstart.yaml"), "--check",
-                          "--model.path=nowhere/at/all"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: model.path: nowhere/at/all does not exist")
+def test_check_prints_the_resolved_config_or_the_errors(capsys, monkeypatch):
+    """`python train.py --check`'s main, in this process."""
+    monkeypatch.chdir(ROOT)
+    train.main(["--config", "configs/quickstart.yaml", "--check", "--train.lr=1e-3"])  # fsdp2, yet no torchrun
+    assert "  lr: 0.001\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", "configs/quickstart.yaml", "--check", "--model.path=nowhere/at/all"])
+    assert str(e.value.code).startswith("error: model.path: nowhere/at/all does not exist")
+
+
+def test_import_graph():
+    """No stage module imports train.py, at any depth of its functions, and the stage modules import each other
+    without a cycle; the data stage's command line reaches no model code."""
+    import ast
+
+    stages = ["config", "tokenize_data", "model_setup", "sharding", "sampler", "checkpoint", "logging_utils", "train"]
+    graph = {}
+    for name in stages:
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if_type_checking = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+        hints = {a.module for n in if_type_checking for a in ast.walk(n) if isinstance(a, ast.ImportFrom)}
+        graph[name] = (imported - hints) & set(stages) - {name}
+    assert not any("train" in deps for deps in graph.values())
+
+    def reach(name, seen=()):
+        assert name not in seen, f"import cycle: {' -> '.join(seen + (name,))}"
+        return set().union({name}, *(reach(d, seen + (name,)) for d in graph[name]))
+
+    assert reach("tokenize_data") == {"tokenize_data", "config"}
+    assert reach("sampler") == {"sampler", "config", "tokenize_data"}
+    reach("train")

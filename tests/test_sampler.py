@@ -98,18 +98,17 @@ def test_collate_packs_padding_free_rows():
     assert empty["input_ids"].shape == (1, 1) and empty["targets"].numel() == 0
 
 
-def test_plan_statistics_command(small_data, tmp_path):
+def test_plan_statistics_command(small_data, tmp_path, capsys, monkeypatch):
+    """`python sampler.py`'s main, in this process (the command's imports are test_import_graph's)."""
     import json
-    import subprocess
-    import sys
 
+    import sampler
     from conftest import QS_CONFIG, ROOT
 
-    p = subprocess.run([sys.executable, "sampler.py", "--config", QS_CONFIG, "--world-size", "4",
-                        f"--data.train_files=[{small_data}]", f"--data.cache_dir={tmp_path}",
-                        "--sampler.batch_size=48", "--sampler.max_tokens_per_rank=256"],
-                       cwd=ROOT, capture_output=True, text=True, check=True)
-    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    monkeypatch.chdir(ROOT)
+    sampler.main(["--config", QS_CONFIG, "--world-size", "4", f"--data.train_files=[{small_data}]",
+                  f"--data.cache_dir={tmp_path}", "--sampler.batch_size=48", "--sampler.max_tokens_per_rank=256"])
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["steps"] == 4  # 192 samples / 48
     assert stats["micro_steps_mean"] >= stats["micro_steps_lower_bound_mean"] >= 1
     assert 0 < stats["packing_efficiency"] <= 1 and stats["rank_imbalance_max"] >= 1

@@ -340,19 +340,19 @@ def test_every_bad_kind_is_counted_by_reason(tmp_path):
     assert "skipped 7 (" in tokenize_data.summary(cache)
 
 
-def test_cli_error_is_one_line_and_preview_marks_trained_tokens(tmp_path):
+def test_cli_error_is_one_line_and_preview_marks_trained_tokens(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
     path = write_jsonl(tmp_path / "bad.jsonl", QS_LINES[:2] + ['{"messages": ['])
-    p = subprocess.run([sys.executable, "tokenize_data.py", "--config", QS_CONFIG, f"--data.train_files=[{path}]",
-                        f"--data.cache_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode != 0
-    assert p.stderr.strip() == (f"error: {path}:3: not valid JSON (Expecting value at column 15) "
-                                "(data.on_bad_sample: skip counts and skips such samples)")
-    p = subprocess.run([sys.executable, "tokenize_data.py", "--config", QS_CONFIG, f"--data.train_files=[{path}]",
-                        f"--data.cache_dir={tmp_path}", "--data.on_bad_sample=skip", "--preview", "1",
-                        "--data.eval_files=[]"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert "bad (messages): 3 records -> 2 samples; skipped 1 (invalid_json: 1)" in p.stdout
-    sample = p.stdout.split("--- sample 0 (bad, 37 tokens, 12 trained) ---\n")[1]
+    """`python tokenize_data.py`'s main, in this process (the command's imports are test_import_graph's)."""
+    with pytest.raises(SystemExit) as e:
+        tokenize_data.main(["--config", QS_CONFIG, f"--data.train_files=[{path}]", f"--data.cache_dir={tmp_path}"])
+    assert e.value.code == (f"error: {path}:3: not valid JSON (Expecting value at column 15) "
+                            "(data.on_bad_sample: skip counts and skips such samples)")
+    tokenize_data.main(["--config", QS_CONFIG, f"--data.train_files=[{path}]", f"--data.cache_dir={tmp_path}",
+                        "--data.on_bad_sample=skip", "--preview", "1", "--data.eval_files=[]"])
+    out = capsys.readouterr().out
+    assert "bad (messages): 3 records -> 2 samples; skipped 1 (invalid_json: 1)" in out
+    sample = out.split("--- sample 0 (bad, 37 tokens, 12 trained) ---\n")[1]
     assert sample == ("<|im_start|>system\nAnswer with the letters only.<|im_end|>\n<|im_start|>user\n"
                       "Count from d to n.<|im_end|>\n<|im_start|>assistant\n[[d e f g h i j k l m n<|im_end|>]]\n")
 
