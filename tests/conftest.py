@@ -84,9 +84,10 @@ SIGNALS = {"logging.sample_losses": "true", "logging.noise_scale": "true"}  # (t
 VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single processes without sharding
     "ref": (0, {}), "ref_lora": (0, LORA), "micro": (0, {"sampler.max_tokens_per_rank": 128} | SIGNALS),
     "replicated2": (2, SIGNALS), "fsdp2": (2, {"sharding.strategy": "fsdp2", "sampler.max_tokens_per_rank": 256} | SIGNALS),
-    "fsdp2_offload_checkpointing": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true",
-                                        "model.gradient_checkpointing": "true"}),  # one launch for both
-    "fsdp2_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.compute_dtype": "bfloat16"}),
+    # one launch for CPU offload, activation checkpointing and bf16 compute (fp32 master weights and reduction)
+    "fsdp2_offload_checkpointing_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true",
+                                             "model.gradient_checkpointing": "true",
+                                             "sharding.compute_dtype": "bfloat16"}),
     "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
     "zero2": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": 2}),
     "zero3_lora": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": 3} | LORA),
