@@ -271,8 +271,10 @@ def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size:
     copy.merge_and_unload().save_pretrained(path, max_shard_size=max_shard_size)
 
 
-def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, max_shard_size: str = "5GB") -> Path:
-    """`model` is model_setup.PackedCausalLM (possibly sharded). Returns the export directory."""
+def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, card: str = "",
+              max_shard_size: str = "5GB") -> Path:
+    """`model` is model_setup.PackedCausalLM (possibly sharded); `card` the model card (README.md). Returns the
+    export directory."""
     state = sharding.full_state_dict(model)
     first = {}  # tied weights (input/output embeddings) are one parameter under two names: save it once
     for name, p in model.lm.named_parameters(remove_duplicate=False):
@@ -287,6 +289,8 @@ def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, max_shar
         if hasattr(model.lm, "peft_config"):
             _save_merged(model.lm, state, tmp / "merged", max_shard_size)
             tokenizer.save_pretrained(tmp / "merged")
+            (tmp / "merged/README.md").write_text(card)
+        (tmp / "README.md").write_text(card)  # replaces peft's template card
         _replace_dir(tmp, final)
     sharding.wait_for_rank0()  # rank 0 wrote the export
     return final

@@ -52,6 +52,8 @@ class ModelConfig:
     # "packed": ours (per-sample attention on packed rows); the others are transformers' own, for comparison
     attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    checkpoint_every: Annotated[int, ge(1)] = 1  # with gradient_checkpointing: only every k-th decoder block
+    #   (blocks 0, k, 2k, ...) recomputes; the others keep their activations (memory between none and all)
     loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: the fused fast path; plain: the readable
     #   cross-entropy a fork edits (same values); liger: Liger's fused linear cross-entropy (CUDA, liger extra)
     load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import config
@@ -184,6 +185,15 @@ class MetricsLogger:
         tflops = flops / seconds / self.world_size / 1e12  # achieved, per device
         return {"tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
 
+    def _peak_memory(self) -> dict:
+        """_memory's figures, the maximum over ranks (a second, tiny collective per step)."""
+        mem = _memory(self.device)
+        if self.world_size > 1 and dist.is_initialized():
+            t = torch.tensor(list(mem.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            mem = dict(zip(mem, t.tolist()))
+        return mem
+
     def state_dict(self) -> dict:
         return {"totals": self.totals, "elapsed_s": time.perf_counter() - self.start, "last": self.last,
                 "wandb_id": self.wandb_id}
@@ -208,7 +218,7 @@ class MetricsLogger:
         m = {k: v for k, v in m.items() if k != "flops"} | {
             "compute_s": t - m["data_wait_s"], "tokens_per_s": m["tokens"] / t, "samples_per_s": m["samples"] / t,
             "loss_tokens_per_s": m["loss_tokens"] / t} | self._speed(m["flops"], t) | {
-            "nonfinite_steps": tot["nonfinite_steps"]} | _memory(self.device)
+            "nonfinite_steps": tot["nonfinite_steps"]} | self._peak_memory()
         m["elapsed_s"] = round(time.perf_counter() - self.start, 3)
         self.last = m
         if "eval_loss" in m:
@@ -236,7 +246,7 @@ class MetricsLogger:
                            f"{m['packing_efficiency']:.2f} | {m['peak_mem_gib']:.2f} GiB")
 
     def close(self, extra: dict) -> dict:
-        """Writes summary.json and metrics.png (with matplotlib; the plot extra) and returns the summary."""
+        """Writes summary.json and metrics.png and returns the summary."""
         tot, last = self.totals, self.last or {}
         steps, train_s = max(1, tot["steps"]), max(tot["train_s"], 1e-9)
         counts = ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")
@@ -257,14 +267,36 @@ class MetricsLogger:
             if self.wandb:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
                 self.wandb.finish()
-            try:
-                plot([self.output_dir], self.output_dir / "metrics.png")
-                summary["plot"] = str(self.output_dir / "metrics.png")
-            except ImportError as e:
-                summary["plot"] = None
-                print0(f"no metrics.png: {e}")
+            plot([self.output_dir], self.output_dir / "metrics.png")
+            summary["plot"] = str(self.output_dir / "metrics.png")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+
+def model_card(run: dict, by_source: dict, state: dict) -> str:
+    """The export's README.md, as the HF Trainer writes one: base model, data (samples per source), the key
+    settings and the losses. `run` is the resolved config as a dict, `state` MetricsLogger.state_dict()."""
+    m, t, sh, last, tot = run["model"], run["train"], run["sharding"], state["last"] or {}, state["totals"]
+    hub = m["path"].count("/") == 1 and not Path(m["path"]).exists() and not m["random_init"]
+    head = ["---"] + ([f"base_model: {m['path']}"] if hub else []) + [
+        f"library_name: {'peft' if sh['lora_rank'] else 'transformers'}", "tags: [sft-trainer, sft]", "---", ""]
+    base = f"`{m['path']}`" + (" (its architecture, randomly initialized)" if m["random_init"] else "")
+    rows = [f"| {name} | {s['samples']:,} | {s['per_epoch']:,} | {sum(s['skipped'].values())} | "
+            f"{s['longer_than_max_seq_len']} |" for name, s in by_source.items()]
+    tuning = f"LoRA r={sh['lora_rank']}, alpha={sh['lora_alpha']:g}" if sh["lora_rank"] else "full fine-tuning"
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    return "\n".join(head + [
+        f"# {Path(t['output_dir']).name}", "", f"Supervised fine-tuning of {base} with sft-trainer.", "",
+        "## Data", "", "| source | samples | per epoch | skipped (bad) | longer than max_seq_len |", "|---|---|---|---|---|",
+        *rows, "", "## Settings", "",
+        f"- {tuning}{' on 4-bit NF4 weights (QLoRA)' if m['load_in_4bit'] else ''}; sharding: {sh['strategy']}; "
+        f"weights in {m['dtype']}",
+        f"- {tot['steps']} steps of {run['sampler']['batch_size']} samples; lr {t['lr']:g} ({t['lr_schedule']}, "
+        f"{t['warmup_steps']} warmup steps); AdamW, weight decay {t['weight_decay']:g}; seed {t['seed']}",
+        f"- samples of at most {run['data']['max_seq_len']} tokens, packed; loss on the assistant turns only", "",
+        "## Results", "", f"- final training loss: {fmt(last.get('loss'))}",
+        f"- final eval loss: {fmt(tot.get('final_eval_loss'))}; best: {fmt(tot.get('best_eval_loss'))}",
+        f"- {tot['tokens']:,} tokens trained on", ""])
 
 
 PANELS = {"loss": "loss (nats/token)", "lr": "learning rate", "tokens_per_s": "tokens/s", "grad_norm": "gradient norm"}
@@ -273,10 +305,8 @@ PANELS = {"loss": "loss (nats/token)", "lr": "learning rate", "tokens_per_s": "t
 def plot(run_dirs: list, out: Path):
     """Loss (eval loss as points), learning rate, tokens/s and gradient norm against step, one colour per run,
     from each run's metrics.jsonl; writes the PNG `out` and returns the matplotlib Figure."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: nothing global to open or close
-    except ImportError:
-        raise ImportError("plots need the plot extra: pip install -e '.[plot]'") from None
+    from matplotlib.figure import Figure  # no pyplot: nothing global to open or close
+
     fig = Figure(figsize=(12, 7), layout="tight")
     axes = fig.subplots(2, 2, sharex=True)
     for i, run in enumerate(run_dirs):

@@ -220,4 +220,6 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, block in enumerate(lm.get_decoder().layers):  # selective: every k-th block
+            block.gradient_checkpointing = i % cfg.checkpoint_every == 0
     return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), LOSSES[cfg.loss])

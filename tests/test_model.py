@@ -122,3 +122,27 @@ def test_empty_micro_batch_has_zero_loss_but_reaches_every_parameter():
     loss.backward()
     assert len(token_losses) == 0 and loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+
+
+def test_selective_activation_checkpointing_gives_identical_gradients():
+    """model.gradient_checkpointing with checkpoint_every: 2 recomputes blocks 0 and 2 only; loss and every
+    gradient are bit-identical to no checkpointing (and to checkpointing every block)."""
+    from config import ModelConfig
+    from conftest import QS_MODEL
+
+    grads = {}
+    for name, kw in {"none": {}, "every": {"gradient_checkpointing": True},
+                     "every_2": {"gradient_checkpointing": True, "checkpoint_every": 2}}.items():
+        torch.manual_seed(0)
+        model = model_setup.load_model(ModelConfig(path=QS_MODEL, random_init=True, dtype="float32", **kw),
+                                       torch.device("cpu"))
+        model.train()
+        flags = [b.gradient_checkpointing for b in model.lm.get_decoder().layers]
+        assert flags == {"none": [False] * 4, "every": [True] * 4, "every_2": [True, False, True, False]}[name]
+        batch = sampler.collate(samples(), torch.device("cpu"))
+        del batch["loss_seg"]
+        loss = model(**batch)[0]
+        loss.backward()
+        grads[name] = [loss.detach()] + [p.grad for p in model.parameters()]
+    for name in ("every", "every_2"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads[name])), name

@@ -29,3 +29,29 @@ def test_no_weight_decay_on_vectors():
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and [p.ndim for p in decayed["params"]] == [2]
     assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+
+
+def test_fused_adamw_equals_the_unfused_one():
+    """build_optimizer's fused AdamW (one kernel) == torch's per-tensor AdamW, over 5 steps with weight decay."""
+    import model_setup
+    from config import ModelConfig
+    from conftest import QS_MODEL
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(model_setup.load_model(ModelConfig(path=QS_MODEL, random_init=True, dtype="float32"),
+                                             torch.device("cpu")))
+    fused = build_optimizer(models[0], TrainConfig(lr=1e-2, weight_decay=0.1, beta2=0.95))
+    plain = torch.optim.AdamW([{"params": [p for p in models[1].parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in models[1].parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        fused.step(), plain.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -49,6 +49,9 @@ def test_end_to_end_outputs(runs):
     assert summary["loss_tokens"] == sum(m["loss_tokens"] for m in rows)
     assert summary["samples_dropped"] == {"longer_than_max_seq_len": 0}
     assert "train:\n  output_dir:" in (run / "config.yaml").read_text()
+    card = (run / "hf/README.md").read_text()  # the model card
+    assert "| data | 320 | 320 | 0 | 0 |" in card and f"final training loss: {rows[-1]['loss']:.4f}" in card
+    assert "sharding: fsdp2" in card and "5 steps of 32 samples" in card
     model = AutoModelForCausalLM.from_pretrained(run / "hf")
     tok = AutoTokenizer.from_pretrained(run / "hf")
     assert model.config._attn_implementation != "packed"  # the export is a plain HF model
