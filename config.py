@@ -52,6 +52,8 @@ class ModelConfig:
     # "packed": ours (per-sample attention on packed rows); the others are transformers' own, for comparison
     attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    compile: bool = False  # regional torch.compile of each decoder block, shapes dynamic (packed rows of any length
+    #   reuse the graphs); the packed attention runs eagerly between the compiled pieces
     checkpoint_every: Annotated[int, ge(1)] = 1  # with gradient_checkpointing: only every k-th decoder block
     #   (blocks 0, k, 2k, ...) recomputes; the others keep their activations (memory between none and all)
     loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: the fused fast path; plain: the readable

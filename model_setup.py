@@ -166,6 +166,8 @@ def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, 
     return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, batch["targets"]), None
 
 
+COMPILE_BACKEND = "inductor"  # model.compile's torch.compile backend (tests use aot_eager: the same graphs, faster)
+
 LOSSES = {"chunked": compute_loss_chunked, "plain": compute_loss, "liger": compute_loss_liger}
 
 
@@ -197,7 +199,9 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
     decoder to NF4 as they are read (QLoRA; the adapters are added by sharding.shard_model)."""
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    AttentionInterface.register("packed", packed_attention)
+    # compiled blocks call the packed attention eagerly: its per-sample grouping is host logic (a graph break
+    # confined to it), and a varlen kernel is one opaque call anyway
+    AttentionInterface.register("packed", torch.compiler.disable(packed_attention) if cfg.compile else packed_attention)
     kw = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
     if on_meta:
         with torch.device("meta"):
@@ -222,4 +226,7 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, block in enumerate(lm.get_decoder().layers):  # selective: every k-th block
             block.gradient_checkpointing = i % cfg.checkpoint_every == 0
+    if cfg.compile:  # each block on its own (LoRA and FSDP2 wrap them later; compiling is lazy, at first call)
+        for block in lm.get_decoder().layers:
+            block.compile(backend=COMPILE_BACKEND, dynamic=True)
     return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), LOSSES[cfg.loss])

@@ -70,6 +70,8 @@ def check(cfg: config.Config, launch: bool = True) -> list[str]:
         ((cfg.logging.sample_losses or cfg.logging.noise_scale) and m.loss == "liger",
          "logging.sample_losses and logging.noise_scale need token losses, which model.loss: liger does not give; "
          "use model.loss: chunked"),
+        (m.compile and sh.strategy == "deepspeed", "model.compile is not tested with DeepSpeed; use "
+         "sharding.strategy: none or fsdp2, or model.compile: false"),
         (cfg.logging.noise_scale and sh.strategy == "deepspeed", "logging.noise_scale does not work with DeepSpeed "
          "(its gradients are not ours to read between micro-steps); use sharding.strategy: none or fsdp2"),
     ] if bad]

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +147,48 @@ def test_selective_activation_checkpointing_gives_identical_gradients():
         grads[name] = [loss.detach()] + [p.grad for p in model.parameters()]
     for name in ("every", "every_2"):
         assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads[name])), name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_compiled_blocks_give_the_eager_losses_and_stop_compiling(monkeypatch, lora):
+    """model.compile on vs off over 8 micro-batches of different lengths: the same losses and gradients (fp32), and
+    no new graph after the first lengths (dynamic shapes). The aot_eager backend traces and partitions exactly as
+    inductor does, without generating kernels (seconds instead of a minute on this CPU)."""
+    import torch._dynamo
+
+    import sharding
+    from config import ModelConfig
+    from conftest import QS_MODEL
+
+    monkeypatch.setattr(model_setup, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(8):
+        samples_ = [(rng.integers(1, 300, n).astype(np.int32), (rng.random(n) < 0.6).astype(np.uint8))
+                    for n in rng.integers(5, 60, rng.integers(1, 6))]
+        batch = sampler.collate(samples_, torch.device("cpu"))
+        del batch["loss_seg"]
+        batches.append(batch)
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = model_setup.load_model(ModelConfig(path=QS_MODEL, random_init=True, dtype="float32", compile=compiled),
+                                       torch.device("cpu"))
+        if lora:
+            sharding.shard_model(model, sharding.ShardingConfig(lora_rank=4), sharding.Dist(0, 1, torch.device("cpu")))
+        model.train()
+        losses, graphs = [], []
+        for i, batch in enumerate(batches):
+            loss = model(**batch)[0]
+            loss.backward()
+            losses.append(loss.detach())
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        runs[compiled] = losses, [p.grad for p in model.parameters() if p.grad is not None]
+    for a, b in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # compiled while the first lengths were seen, then reused: two per block's code (before and after the
+    # attention) and its backward; peft's LoRA layers break the graph a few more times
+    assert 0 < graphs[2] == graphs[-1] <= (12 if lora else 4), graphs
