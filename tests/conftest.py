@@ -36,25 +36,35 @@ def run_args(tmp_path: Path, data: str, **overrides) -> list[str]:
 
 
 def torchrun(nproc: int, args: list[str], *extra, timeout: int = 300) -> subprocess.CompletedProcess:
-    if nproc == 0:
-        return in_process(args)
+    """train.py with `nproc` ranks: 0 is a plain process, 1 a one-rank process group, both run in this process;
+    more are launched by torchrun."""
+    if nproc <= 1 and not extra:
+        return in_process(args, one_rank=nproc == 1)
     return torchrun_in(ROOT, nproc, args, *extra, timeout=timeout)
 
 
-def in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """train.main(args) in this process, as `python train.py` would run it with OMP_NUM_THREADS=1 (without the
-    seconds of imports a new interpreter costs); its stdout is returned, the signal handlers it installs undone."""
+def in_process(args: list[str], one_rank: bool = False) -> subprocess.CompletedProcess:
+    """train.main(args) in this process, as `python train.py` (or torchrun with one rank) would run it with
+    OMP_NUM_THREADS=1, without the seconds of imports a new interpreter costs; its stdout is returned, the signal
+    handlers and environment it needs undone."""
     import contextlib
     import io
     import signal
+    import socket
 
     import torch
     import train
 
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    threads, out, cwd = torch.get_num_threads(), io.StringIO(), os.getcwd()
+    threads, out, cwd, environ = torch.get_num_threads(), io.StringIO(), os.getcwd(), dict(os.environ)
     torch.set_num_threads(1)
     os.chdir(ROOT)
+    if one_rank:  # what torchrun sets for its one worker
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
     try:
         with contextlib.redirect_stdout(out):
             train.main(list(args))
@@ -62,6 +72,8 @@ def in_process(args: list[str]) -> subprocess.CompletedProcess:
         raise AssertionError(f"train.py exited with {e.code!r}\n{out.getvalue()[-3000:]}") from None
     finally:
         os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
         torch.set_num_threads(threads)
         for s, h in handlers.items():
             signal.signal(s, h)

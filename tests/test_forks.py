@@ -31,12 +31,13 @@ def test_forks_apply_and_do_what_the_docs_say(tmp_path):
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "runs", ".cache", "__pycache__", "*.egg-info"))
     for patch in PATCHES:
         subprocess.run(["git", "apply", str(patch)], cwd=copy, check=True)
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "forks/test_forks.py"],
-                       cwd=copy, capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    tests = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "forks/test_forks.py"],
+                             cwd=copy, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # meanwhile:
     data = write_jsonl(tmp_path / "d.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:192])
     torchrun_in(copy, 2, run_args(tmp_path, data, **{"sharding.strategy": "none", "train.max_steps": 6,
                                                       "train.lr": 1e-2, "logging.sample_losses": "true"}))
+    out = tests.communicate(timeout=300)[0]
+    assert tests.returncode == 0, out[-3000:]
     losses = [m["loss"] for m in metrics(tmp_path / "run")]
     assert losses[-1] < losses[0] - 0.3, losses  # it trains
     assert (tmp_path / "run/checkpoints/step-6/manifest.json").exists()  # Muon's state is checkpointed
