@@ -29,7 +29,7 @@ SHAPES = {  # LlamaConfig fields; the vocabulary is that of a real model (the to
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
-SYSTEMS = ["ours", "trl_packing_bfd", "trl_padding", "hf_trainer_padding"]
+SYSTEMS = ["ours", "trl_packing_bfd", "trl_padding", "hf_trainer_padding"]  # and ours_compile (model.compile)
 LETTERS = list("abcdefghijklmnopqrstuvwxyz")  # " x" is one token of the shipped tokenizer
 
 
@@ -63,20 +63,22 @@ def peak_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_ours(a) -> dict:
-    out = a.work / "ours"
+def run_ours(a, compiled: bool = False) -> dict:
+    out = a.work / ("ours_compile" if compiled else "ours")
     dtype = "bfloat16" if a.device == "cuda" else "float32"
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/quickstart.yaml"),
            f"--data.train_files=[{a.work / 'data.jsonl'}]", f"--data.cache_dir={a.work / 'cache'}",
            f"--data.max_seq_len={a.cap}", f"--model.path={a.work / 'model'}", f"--model.dtype={dtype}",
            "--sharding.strategy=none", f"--sampler.batch_size={a.batch}", f"--sampler.max_tokens_per_rank={a.cap}",
            f"--train.output_dir={out}", "--train.heldout_file=", "--train.lr=1e-4", "--train.warmup_steps=0",
-           f"--model.gradient_checkpointing={str(a.device == 'cuda').lower()}"]
+           f"--model.gradient_checkpointing={str(a.device == 'cuda').lower()}", f"--model.compile={str(compiled).lower()}"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
+    steady = rows[2:]  # after the first steps, which compile (model.compile) or warm up allocators
     return {"tokens": summary["tokens"], "train_s": rows[-1]["elapsed_s"], "peak_mem_gib": summary["peak_mem_gib"],
-            "steps": len(rows)}
+            "steps": len(rows), "steady_tokens_per_s": sum(r["tokens"] for r in steady) / sum(r["step_time_s"]
+                                                                                          for r in steady)}
 
 
 def run_hf(a, system: str) -> dict:
@@ -140,7 +142,7 @@ def main():
     # TRL packs rows of `cap` tokens: accumulate as many rows as hold `batch` samples on average
     a.packed_rows_per_step = max(1, round(a.batch * a.median * 1.3 / a.cap))  # mean length ~ 1.3 x median
     if a.run:
-        result = run_ours(a) if a.run == "ours" else run_hf(a, a.run)
+        result = run_ours(a, a.run == "ours_compile") if a.run.startswith("ours") else run_hf(a, a.run)
         (a.work / f"{a.run}.json").write_text(json.dumps(result))
         return
     shutil.rmtree(a.work, ignore_errors=True)
@@ -155,6 +157,10 @@ def main():
         results[system] = r
         print(f"{system:20s} {r['tokens_per_s']:10.0f} tok/s  {r['peak_mem_gib']:6.2f} GiB  {r['steps']} steps",
               flush=True)
+    if "ours" in results and "ours_compile" in results:
+        steady = [results[s]["steady_tokens_per_s"] for s in ("ours", "ours_compile")]
+        print(f"\nsteady state (steps 3 on): eager {steady[0]:.0f} tok/s, compiled {steady[1]:.0f} tok/s: "
+              f"{steady[1] / steady[0]:.2f}x")
     ours = results.get("ours", {}).get("tokens_per_s")
     print("\n| system | real tokens/s | peak memory (GiB) | ours / system |\n|---|---|---|---|")
     for system, r in results.items():
