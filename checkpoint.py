@@ -39,9 +39,10 @@ import sharding
 @config.section("checkpoint")
 @dataclass
 class CheckpointConfig:
-    save_every_steps: Annotated[int, config.ge(0)] = 0  # resumable state every N optimizer steps; it is always saved at the end (and on
-    #   SIGTERM/SIGUSR1); 0 = only then
-    keep_last: Annotated[int, config.ge(0)] = 2  # keep the newest N checkpoints (never deleting the one `latest` names); 0 = keep all
+    save_every_steps: Annotated[int, config.ge(0)] = 0  # resumable state every N optimizer steps; it is always
+    #   saved at the end (and on SIGTERM/SIGUSR1); 0 = only then
+    keep_last: Annotated[int, config.ge(0)] = 2  # keep the newest N checkpoints (never deleting the one `latest`
+    #   names); 0 = keep all
     resume: str = "auto"  # auto: continue from <output_dir>/checkpoints/latest when it exists; never: start
     #   afresh (an existing checkpoints/ is overwritten step by step); or a checkpoint directory (any run's step-N)
 

@@ -284,10 +284,14 @@ def model_card(run: dict, by_source: dict, state: dict) -> str:
     rows = [f"| {name} | {s['samples']:,} | {s['per_epoch']:,} | {sum(s['skipped'].values())} | "
             f"{s['longer_than_max_seq_len']} |" for name, s in by_source.items()]
     tuning = f"LoRA r={sh['lora_rank']}, alpha={sh['lora_alpha']:g}" if sh["lora_rank"] else "full fine-tuning"
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
     return "\n".join(head + [
         f"# {Path(t['output_dir']).name}", "", f"Supervised fine-tuning of {base} with sft-trainer.", "",
-        "## Data", "", "| source | samples | per epoch | skipped (bad) | longer than max_seq_len |", "|---|---|---|---|---|",
+        "## Data", "", "| source | samples | per epoch | skipped (bad) | longer than max_seq_len |",
+        "|---|---|---|---|---|",
         *rows, "", "## Settings", "",
         f"- {tuning}{' on 4-bit NF4 weights (QLoRA)' if m['load_in_4bit'] else ''}; sharding: {sh['strategy']}; "
         f"weights in {m['dtype']}",

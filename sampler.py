@@ -25,7 +25,8 @@ import config
 @config.section("sampler")
 @dataclass
 class SamplerConfig:
-    batch_size: Annotated[int, config.ge(1)] = 64  # samples per optimizer step, over all ranks (the last step of an epoch may have fewer)
+    batch_size: Annotated[int, config.ge(1)] = 64  # samples per optimizer step, over all ranks (the last step of an
+    #   epoch may have fewer)
     max_tokens_per_rank: Annotated[int, config.ge(1)] = 8192  # token cap of one micro-batch on one rank (memory),
     #   >= the longest sample
 
@@ -133,7 +134,8 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device) 
     batch = {"input_ids": torch.from_numpy(np.concatenate([s[0] for s in samples]).astype(np.int64))[None],
              "position_ids": torch.cat([torch.arange(n) for n in lens])[None],
              "cu_seqlens": torch.tensor(np.cumsum([0] + lens), dtype=torch.int32),
-             "loss_idx": torch.from_numpy(loss_idx), "targets": torch.from_numpy(tgt), "loss_seg": torch.from_numpy(seg)}
+             "loss_idx": torch.from_numpy(loss_idx), "targets": torch.from_numpy(tgt),
+             "loss_seg": torch.from_numpy(seg)}
     if weight is not None:
         batch["loss_weight"] = torch.from_numpy(weight.astype(np.float32))
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -42,8 +42,9 @@ class ShardingConfig:
     cpu_offload: bool = False  # fsdp2: sharded weights, gradients and optimizer state in CPU memory;
     #   deepspeed: optimizer state (and with ZeRO-3 the weights) in CPU memory
     zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 also gradients, 3 also weights
-    lora_rank: Annotated[int, config.ge(0)] = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base weights; 0 = full fine-tuning
-    lora_alpha: Annotated[float, config.gt(0)] = 16.0  # LoRA scale numerator: the adapter update is scaled by lora_alpha / lora_rank
+    lora_rank: Annotated[int, config.ge(0)] = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base
+    #   weights; 0 = full fine-tuning
+    lora_alpha: Annotated[float, config.gt(0)] = 16.0  # LoRA scale numerator: the update is scaled by alpha / rank
     lora_dropout: Annotated[float, config.ge(0, 1)] = 0.0  # dropout on the adapter input
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear
     #   (every linear layer but the output layer)
@@ -163,6 +164,11 @@ def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_
         zero["offload_optimizer"] = {"device": "cpu"}
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) each; sized to the model instead, as the HF
+    # Trainer's "auto" values do (BENCHMARKS.md, Memory)
+    h = model.lm.config.hidden_size
+    zero |= {"reduce_bucket_size": h * h, "allgather_bucket_size": h * h,
+             "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
     if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its own module's forward
         deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,

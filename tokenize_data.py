@@ -36,8 +36,8 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 @dataclass
 class Source:
     path: str = ""  # a .jsonl/.json/.parquet file, a directory of them, a save_to_disk directory, or a hub id
-    weight: Annotated[float, config.gt(0)] = 1.0  # samples per epoch as a multiple of the source's size: 2.0 = each twice, 0.5 = a seeded
-    #   half (another half each epoch); a fractional part is sampled by seed too
+    weight: Annotated[float, config.gt(0)] = 1.0  # samples per epoch as a multiple of the source's size: 2.0 =
+    #   each twice, 0.5 = a seeded half (another half each epoch); a fractional part is sampled by seed too
     format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text"] = "auto"
 
 
@@ -46,7 +46,8 @@ class Source:
 class DataConfig:
     train_files: list[str | Source] = field(default_factory=list)  # sources: a path, or {path, weight, format}
     eval_files: list[str | Source] = field(default_factory=list)  # sources of the eval loss (train.eval_every_steps)
-    max_seq_len: Annotated[int, config.ge(1)] = 4096  # longest sample kept, in tokens; longer ones are dropped and counted
+    max_seq_len: Annotated[int, config.ge(1)] = 4096  # longest sample kept, in tokens; longer ones are dropped
+    #   and counted
     on_bad_sample: Literal["error", "skip"] = "error"  # error: stop at the first, naming its place; skip: count
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
     num_proc: Annotated[int, config.ge(1)] = 1  # tokenizer processes; they split the records of each source
