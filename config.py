@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # for the type hints of `Config` only; each stage module impo
     from sharding import ShardingConfig
     from tokenize_data import DataConfig
 
-SECTIONS: dict[str, type] = {}  # section name -> its dataclass, in the order of a dumped config
+SECTIONS: dict[str, type] = {}  # section name -> its dataclass, filled as the stage modules are imported
 
 
 def section(name: str):
