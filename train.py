@@ -116,7 +116,7 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
     model.train()
     if d.world_size > 1:
         dist.all_reduce(loss_sum)
-    return loss_sum.item() / max(n_eval, 1)  # host sync, meant: once per evaluation
+    return loss_sum.item() / (n_eval or 1)  # host sync, meant: once per evaluation
 
 
 def _on_rank0(d: sharding.Dist, work, error: type):
@@ -281,7 +281,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
                                        token_losses)
             # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
             # of sum(token losses of the step, all ranks) / n_step
-            sharding.backward(model, micro_loss * (d.world_size / max(n_step, 1)), j == len(micro_batches) - 1)
+            sharding.backward(model, micro_loss * (d.world_size / (n_step or 1)), j == len(micro_batches) - 1)
             if noise and j == 0:  # the gradient of the first micro-batch: the small batch of the noise scale
                 noise_parts = noise.parts(sharding.grad_sq_norm(model), len(batch["targets"]), n_step)
             loss_sum += micro_loss.detach()
@@ -300,7 +300,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
         if n_trained != counts.sum():  # the ranks' micro-batches must hold exactly the step's samples
             raise RuntimeError(f"step {step + 1}: the micro-batches trained {n_trained:.0f} targets, the plan's step "
                                f"has {counts.sum()}: the step plan lost or repeated samples")
-        loss = loss_sum / max(n_step, 1)
+        loss = loss_sum / (n_step or 1)
         WHERE["phase"] = "step"
         grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
