@@ -19,10 +19,9 @@ def test_liger_loss_equals_chunked():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 64, generator=g).cuda().requires_grad_()
     weight = torch.randn(1000, 64, generator=g).cuda().requires_grad_()
-    idx = torch.arange(0, 300, 3).cuda()
-    targets = torch.randint(0, 1000, (100,), generator=g).cuda()
-    ours, _ = model_setup.compute_loss(hidden, weight, idx, targets)
-    liger, _ = model_setup.compute_loss_liger(hidden, weight, idx, targets)
+    batch = {"loss_idx": torch.arange(0, 300, 3).cuda(), "targets": torch.randint(0, 1000, (100,), generator=g).cuda()}
+    ours, _ = model_setup.compute_loss_chunked(hidden, weight, batch)
+    liger, _ = model_setup.compute_loss_liger(hidden, weight, batch)
     torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-3)
 
 
