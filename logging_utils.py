@@ -273,12 +273,12 @@ class MetricsLogger:
         return summary
 
 
-def model_card(run: dict, by_source: dict, state: dict) -> str:
+def model_card(run: dict, by_source: dict, state: dict, from_hub: bool) -> str:
     """The export's README.md, as the HF Trainer writes one: base model, data (samples per source), the key
-    settings and the losses. `run` is the resolved config as a dict, `state` MetricsLogger.state_dict()."""
+    settings and the losses. `run` is the resolved config as a dict, `state` MetricsLogger.state_dict();
+    `from_hub`: the weights came from a hub id (the card then names it as base_model)."""
     m, t, sh, last, tot = run["model"], run["train"], run["sharding"], state["last"] or {}, state["totals"]
-    hub = m["path"].count("/") == 1 and not Path(m["path"]).exists() and not m["random_init"]
-    head = ["---"] + ([f"base_model: {m['path']}"] if hub else []) + [
+    head = ["---"] + ([f"base_model: {m['path']}"] if from_hub else []) + [
         f"library_name: {'peft' if sh['lora_rank'] else 'transformers'}", "tags: [sft-trainer, sft]", "---", ""]
     base = f"`{m['path']}`" + (" (its architecture, randomly initialized)" if m["random_init"] else "")
     rows = [f"| {name} | {s['samples']:,} | {s['per_epoch']:,} | {sum(s['skipped'].values())} | "

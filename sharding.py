@@ -228,7 +228,7 @@ def grad_sq_norm(model: nn.Module) -> torch.Tensor:
 def reduce_gradients(model: nn.Module, cfg: ShardingConfig, d: Dist):
     """Averages gradients over ranks under `none`, after the last micro-step, in one flat buffer (FSDP2 and
     DeepSpeed reduced them during backward)."""
-    if cfg.strategy != "none" or d.world_size == 1:
+    if reduces_in_backward(cfg) or d.world_size == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])

@@ -263,7 +263,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
         # what the whole step trains (all ranks), by the definition collate uses: the normalizer n_step
         uniq, slot = np.unique(samples, return_inverse=True)  # a sample may occur twice (source weight > 1)
         counts, sample_weight, n_step = sampler.step_targets([cache[i] for i in samples])
-        sample_counts, sample_weight = (np.bincount(slot, x, len(uniq)) for x in (counts, sample_weight))
+        sample_counts = np.bincount(slot, counts, len(uniq))  # per unique sample
+        sample_weight = np.bincount(slot, sample_weight, len(uniq))
         loss_sum, n_trained, data_wait_s = torch.zeros((), device=d.device), 0, 0.0
         sample_sums = torch.zeros(len(uniq), device=d.device)  # token losses summed per sample
         noise_parts = torch.zeros(3, device=d.device)
@@ -350,7 +351,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
     per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, n_sources)  # after the weights
     by_source = {s["name"]: {k: s[k] for k in ("samples", "skipped", "longer_than_max_seq_len")} | {"per_epoch": int(n)}
                  for s, n in zip(cache.meta["sources"], per_epoch)}
-    card = logging_utils.model_card(config.to_dict(cfg), by_source, log.state_dict())
+    from_hub = tokenize_data.is_hub_id(cfg.model.path) and not cfg.model.random_init
+    card = logging_utils.model_card(config.to_dict(cfg), by_source, log.state_dict(), from_hub)
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank, card)
     extra = {"samples_dropped": cache.meta["dropped"], "samples_skipped": cache.meta["skipped"],
              "samples_by_source": by_source, "export": str(hf_dir)}
