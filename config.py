@@ -58,6 +58,8 @@ class ModelConfig:
     #   (blocks 0, k, 2k, ...) recomputes; the others keep their activations (memory between none and all)
     loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: the fused fast path; plain: the readable
     #   cross-entropy a fork edits (same values); liger: Liger's fused linear cross-entropy (CUDA, liger extra)
+    liger_kernels: bool = False  # Liger's Triton RMSNorm, SwiGLU and RoPE in the decoder (CUDA, liger extra; the
+    #   families Liger covers); its fused loss is model.loss: liger
     load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`
     #   (bitsandbytes extra); needs real weights (random_init: false) and LoRA (sharding.lora_rank > 0)
 

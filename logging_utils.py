@@ -186,12 +186,15 @@ class MetricsLogger:
         return {"tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
 
     def _peak_memory(self) -> dict:
-        """_memory's figures, the maximum over ranks (a second, tiny collective per step)."""
+        """_memory's figures, the maximum over ranks, and each rank's peak_mem_gib (a second, tiny collective per
+        step)."""
         mem = _memory(self.device)
         if self.world_size > 1 and dist.is_initialized():
-            t = torch.tensor(list(mem.values()), dtype=torch.float64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            mem = dict(zip(mem, t.tolist()))
+            mine = torch.tensor(list(mem.values()), dtype=torch.float64, device=self.device)
+            ranks = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(ranks, mine)
+            table = torch.stack(ranks)  # (ranks, figures)
+            mem = dict(zip(mem, table.amax(0).tolist())) | {"peak_mem_gib_ranks": table[:, 0].tolist()}
         return mem
 
     def state_dict(self) -> dict:
@@ -255,7 +258,7 @@ class MetricsLogger:
             "tokens_per_s": tot["tokens"] / train_s} | self._speed(tot["flops"], train_s) | {
             "final_loss": last.get("loss"), "final_eval_loss": tot.get("final_eval_loss"),
             "best_eval_loss": tot.get("best_eval_loss"), "peak_mem_gib": last.get("peak_mem_gib"),
-            "peak_reserved_gib": last.get("peak_reserved_gib"), "micro_steps_mean": tot["micro_steps"] / steps,
+            "peak_mem_gib_ranks": last.get("peak_mem_gib_ranks"), "peak_reserved_gib": last.get("peak_reserved_gib"), "micro_steps_mean": tot["micro_steps"] / steps,
             "packing_efficiency_mean": tot["packing_sum"] / steps, "rank_imbalance_max": tot["imbalance_max"]} | extra
         if self.on:
             self.bar.close()

@@ -9,9 +9,14 @@
 DeepSpeed then see one module that owns every parameter the loss touches.
 """
 
+import inspect
+import os
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from config import ModelConfig
 
@@ -47,8 +52,11 @@ def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softca
 
 
 def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
-    """A varlen flash kernel on (1, H, T, D) CUDA tensors -> (1, T, H, D), or None if none applies: flash-attn
-    (FA2/FA3 builds; supports soft-capping) when installed, else PyTorch's own varlen attention."""
+    """A varlen flash kernel on (1, H, T, D) 16-bit CUDA tensors -> (1, T, H, D), or None if none applies (fp32,
+    or no kernel): flash-attn (FA2/FA3 builds; supports soft-capping) when installed, else PyTorch's own varlen
+    attention where it takes a scale, a window and grouped-query heads (torch >= 2.10)."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return None
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
     try:
         from flash_attn import flash_attn_varlen_func
@@ -58,9 +66,11 @@ def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
         return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
                                       window_size=(window - 1, 0) if window else (-1, -1),
                                       softcap=softcap or 0.0).unsqueeze(0)
-    if softcap is None and hasattr(torch.nn.attention, "varlen"):
+    try:
         from torch.nn.attention.varlen import varlen_attn
-
+    except ImportError:
+        return None
+    if softcap is None and "enable_gqa" in inspect.signature(varlen_attn).parameters:
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
                            window_size=(window - 1, 0) if window else (-1, 0)).unsqueeze(0)  # (-1, 0) = causal
     return None
@@ -166,7 +176,9 @@ def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, 
     return LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)(weight, h, batch["targets"]), None
 
 
-COMPILE_BACKEND = "inductor"  # model.compile's torch.compile backend (tests use aot_eager: the same graphs, faster)
+# model.compile's torch.compile backend; SFT_COMPILE_BACKEND=eager (or aot_eager) captures the same graphs without
+# generating kernels: what the tests use (seconds instead of a minute on CPU), and a way to bisect a compile problem
+COMPILE_BACKEND = os.environ.get("SFT_COMPILE_BACKEND", "inductor")
 
 LOSSES = {"chunked": compute_loss_chunked, "plain": compute_loss, "liger": compute_loss_liger}
 
@@ -193,6 +205,20 @@ class PackedCausalLM(nn.Module):
         return self.loss_fn(hidden[0], weight, batch, scale, getattr(c, "final_logit_softcapping", None))
 
 
+def _apply_liger_kernels(lm: nn.Module):
+    """Liger's RMSNorm, SwiGLU MLP and RoPE in place of the model's own (its families only; a process-wide patch of
+    the family's modeling module). Our loss stays; Liger's fused one is model.loss: liger."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise ImportError("model.liger_kernels needs the liger extra: pip install -e '.[liger]'") from None
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(lm.config.model_type)
+    if apply is None:
+        raise ValueError(f"model.liger_kernels: Liger has no kernels for model_type {lm.config.model_type!r}; set it "
+                         "to false")
+    apply(model=lm, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
 def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) -> PackedCausalLM:
     """`on_meta`: build the architecture on the meta device without reading weights (ranks that receive their
     shards from rank 0 later, see sharding.shard_model). `load_in_4bit` quantizes the linear layers of the
@@ -207,8 +233,9 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
         device = "meta"
-    elif cfg.random_init:
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
+    elif cfg.random_init:  # initialized where it will train (an 8B model initializes in seconds on a GPU)
+        with torch.device(device):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
     elif cfg.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -222,11 +249,17 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
                 m.support_avx512bf16_for_cpu = False
     else:
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
+    if cfg.liger_kernels:
+        _apply_liger_kernels(lm)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, block in enumerate(lm.get_decoder().layers):  # selective: every k-th block
             block.gradient_checkpointing = i % cfg.checkpoint_every == 0
-    if cfg.compile:  # each block on its own (LoRA and FSDP2 wrap them later; compiling is lazy, at first call)
-        for block in lm.get_decoder().layers:
-            block.compile(backend=COMPILE_BACKEND, dynamic=True)
+    if cfg.compile:  # each block's forward on its own; module hooks (FSDP2's) stay outside, and LoRA and FSDP2
+        for block in lm.get_decoder().layers:  # wrap the blocks later (compiling is lazy, at the first call)
+            forward = torch.compile(block.forward, backend=COMPILE_BACKEND, dynamic=True)
+            if block.gradient_checkpointing:  # HF checkpoints inside forward, which dynamo would trace as one
+                block.gradient_checkpointing = False  # region: the attention's graph break in it makes the whole
+                forward = partial(checkpoint, forward, use_reentrant=False)  # block eager; checkpoint around it
+            block.forward = forward
     return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), LOSSES[cfg.loss])

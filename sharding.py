@@ -116,10 +116,14 @@ def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
         nodes = d.world_size // d.local_world_size
         kw["mesh"] = init_device_mesh(d.device.type, (nodes, d.local_world_size), mesh_dim_names=("replicate", "shard"))
     # Each decoder block is its own unit, so only one block's full weights exist at a time; the root unit
-    # holds the rest (embeddings, final norm, output layer), which stays gathered after forward because
-    # backward needs it first.
+    # holds the rest (final norm, output layer, and the input embedding when tied to it), which stays gathered
+    # after forward because backward needs it first.
     for block in model.lm.get_decoder().layers:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    embedding = model.lm.get_input_embeddings()
+    if embedding.weight is not model.lm.get_output_embeddings().weight:  # untied: a unit of its own, gathered
+        fully_shard(embedding, **kw)  # only at the start of forward and the end of backward (Llama-3.1-8B: 1 GiB in
+        #   fp32 per rank that the root would hold through the whole step)
     kw["mp_policy"] = dataclasses.replace(kw["mp_policy"], cast_forward_inputs=False)  # the root's one float
     #   input is loss_weight, kept in fp32
     fully_shard(model, reshard_after_forward=False, **kw)
@@ -160,8 +164,8 @@ def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_
     except ImportError:
         raise ImportError("sharding.strategy: deepspeed needs the deepspeed extra: pip install -e '.[deepspeed]'")
     zero = {"stage": cfg.zero_stage}
-    if cfg.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.cpu_offload:  # our (fused) AdamW steps the offloaded fp32 state on the CPU; DeepSpeed would insist on
+        zero["offload_optimizer"] = {"device": "cpu"}  # its CPUAdam, a C++ extension compiled at first use
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) each; sized to the model instead, as the HF
@@ -172,6 +176,7 @@ def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_
     if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its own module's forward
         deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+                 "zero_force_ds_cpu_optimizer": False,
                  "gradient_clipping": max_grad_norm, "bf16": {"enabled": cfg.compute_dtype == "bfloat16"}}
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer

@@ -70,6 +70,9 @@ def check(cfg: config.Config, launch: bool = True) -> list[str]:
         ((cfg.logging.sample_losses or cfg.logging.noise_scale) and m.loss == "liger",
          "logging.sample_losses and logging.noise_scale need token losses, which model.loss: liger does not give; "
          "use model.loss: chunked"),
+        (launch and (m.loss == "liger" or m.liger_kernels) and not torch.cuda.is_available(), "model.loss: liger "
+         "and model.liger_kernels run Triton kernels on a CUDA GPU, and none is visible; use model.loss: chunked "
+         "and model.liger_kernels: false"),
         (m.compile and sh.strategy == "deepspeed", "model.compile is not tested with DeepSpeed; use "
          "sharding.strategy: none or fsdp2, or model.compile: false"),
         (cfg.logging.noise_scale and sh.strategy == "deepspeed", "logging.noise_scale does not work with DeepSpeed "
@@ -226,7 +229,10 @@ def _train(cfg: config.Config, d: sharding.Dist):
     # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
     # (4-bit weights are read by every rank: they are a quarter of the size, and quantized as they are read)
     from_rank0 = cfg.sharding.strategy == "fsdp2" and not cfg.model.load_in_4bit
-    model = model_setup.load_model(cfg.model, d.device, on_meta=from_rank0 and d.rank != 0)
+    try:
+        model = model_setup.load_model(cfg.model, d.device, on_meta=from_rank0 and d.rank != 0)
+    except (ImportError, ValueError) as e:  # an extra not installed; a model Liger has no kernels for
+        sys.exit(f"error: {e}")
     model = sharding.shard_model(model, cfg.sharding, d, from_rank0)
     optimizer = build_optimizer(model, tc)
     print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -356,6 +362,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank, card)
     extra = {"samples_dropped": cache.meta["dropped"], "samples_skipped": cache.meta["skipped"],
              "samples_by_source": by_source, "export": str(hf_dir)}
+    if cfg.model.compile:  # graphs dynamo built: with dynamic shapes a few, however the row lengths vary
+        extra["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if eval_cache:
         extra["eval_samples_dropped"] = eval_cache.meta["dropped"]
     if tc.heldout_file and d.rank == 0:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ["SFT_COMPILE_BACKEND"] = "eager"  # model.compile captures the graphs without inductor's minute of codegen
 sys.path.insert(0, str(ROOT))
 QS_MODEL = str(ROOT / "data/quickstart/model")
 QS_CONFIG = str(ROOT / "configs/quickstart.yaml")
@@ -100,7 +101,9 @@ VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single pr
     "fsdp2_offload_checkpointing_bf16": (2, {"sharding.strategy": "fsdp2", "sharding.cpu_offload": "true",
                                              "model.gradient_checkpointing": "true",
                                              "sharding.compute_dtype": "bfloat16"}),
-    "fsdp2_lora": (2, {"sharding.strategy": "fsdp2"} | LORA),
+    # and one for compiled blocks, with activation checkpointing (every 2nd block) and LoRA layers inside them
+    "fsdp2_compile_checkpointing_lora": (2, {"sharding.strategy": "fsdp2", "model.compile": "true",
+                                             "model.gradient_checkpointing": "true", "model.checkpoint_every": 2} | LORA),
     "zero2": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": 2}),
     "zero3_lora": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": 3} | LORA),
 }  # one launch per path: hybrid FSDP2 runs across two launched "nodes" (test_two_nodes_match_one); LoRA under

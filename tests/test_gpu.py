@@ -1,10 +1,16 @@
-"""CUDA paths: the varlen kernels and Liger's loss against the per-sample reference. Run on a GPU machine with
-`python -m pytest -m gpu tests`; on CPU these are skipped (their CPU counterparts are in test_model.py)."""
+"""CUDA paths: the varlen kernels, Liger, compiled blocks under inductor, and bf16 FSDP2 over nccl, each against
+its reference. Run on a GPU machine with `python -m pytest -m gpu tests`; on CPU these are skipped (their CPU
+counterparts are in test_model.py, test_sharding.py and test_train.py)."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 import model_setup
+import sampler
+from conftest import QS_MODEL, ROOT, metrics, run_args, torchrun, write_jsonl
 from test_model import CONFIGS, assert_packed_equals_per_sample
 
 pytestmark = pytest.mark.gpu
@@ -15,6 +21,22 @@ def test_cuda_packed_attention_equals_per_sample(name):
     assert_packed_equals_per_sample(name, torch.device("cuda"), atol=2e-3, rtol=2e-3)  # TF32/flash accumulation
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_varlen_kernel_runs_and_equals_per_sample_attention(window):
+    """A varlen kernel (flash-attn, else PyTorch's) is what bf16 packed rows use on this GPU, not the per-sample
+    fallback, and it computes the same attention: grouped-query heads, samples of unequal length, a window.
+    fp32 rows take the per-sample path (flash kernels are 16-bit)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [37, 5, 120, 64, 1, 64]
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1, h, sum(lengths), 64, generator=g).to("cuda", torch.bfloat16) for h in (8, 2, 2))
+    assert model_setup._varlen_cuda(q.float(), k.float(), v.float(), cu, max(lengths), 0.125, window, None) is None
+    out = model_setup._varlen_cuda(q, k, v, cu, max(lengths), 0.125, window, None)
+    assert out is not None, "bf16 packed rows would fall back to per-sample SDPA on this GPU"
+    ref = model_setup._sdpa_per_sample(q.float(), k.float(), v.float(), cu.tolist(), 0.125, 0.0, window, None)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+
+
 def test_liger_loss_equals_chunked():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 64, generator=g).cuda().requires_grad_()
@@ -23,6 +45,62 @@ def test_liger_loss_equals_chunked():
     ours, _ = model_setup.compute_loss_chunked(hidden, weight, batch)
     liger, _ = model_setup.compute_loss_liger(hidden, weight, batch)
     torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-3)
+
+
+def _losses_and_grads(steps=6, **model_kw):
+    """Loss and gradients of the quickstart model (random init, fp32, CUDA) over `steps` packed micro-batches."""
+    from config import ModelConfig
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = model_setup.load_model(ModelConfig(path=QS_MODEL, random_init=True, dtype="float32", **model_kw),
+                                   torch.device("cuda"))
+    losses = []
+    for _ in range(steps):
+        batch = sampler.collate([(rng.integers(1, 300, n).astype(np.int32), (rng.random(n) < 0.6).astype(np.uint8))
+                                 for n in rng.integers(5, 200, rng.integers(1, 6))], torch.device("cuda"))
+        del batch["loss_seg"]
+        loss = model(**batch)[0]
+        loss.backward()
+        losses.append(loss.detach())
+    return torch.stack(losses), [p.grad for p in model.parameters()]
+
+
+def test_liger_kernels_give_the_same_losses_and_gradients():
+    """model.liger_kernels (RMSNorm, SwiGLU, RoPE) against the model's own layers. Liger patches the family's
+    module process-wide, so the reference is computed first."""
+    ref_losses, ref_grads = _losses_and_grads()
+    losses, grads = _losses_and_grads(liger_kernels=True)
+    torch.testing.assert_close(losses, ref_losses, atol=1e-3, rtol=1e-4)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_inductor_compiled_blocks_give_the_eager_losses(monkeypatch):
+    """model.compile with the real backend (the CPU tests use dynamo's eager one), with activation checkpointing."""
+    monkeypatch.setattr(model_setup, "COMPILE_BACKEND", "inductor")
+    torch._dynamo.reset()
+    ref_losses, ref_grads = _losses_and_grads(gradient_checkpointing=True)
+    losses, grads = _losses_and_grads(gradient_checkpointing=True, compile=True)
+    torch.testing.assert_close(losses, ref_losses, atol=1e-3, rtol=1e-4)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_fsdp2_over_nccl_matches_one_fp32_process(tmp_path):
+    """FSDP2 on every GPU of this machine (nccl), bf16 compute with fp32 master weights and reduction, against
+    one fp32 process without sharding: 5 steps, the same losses to bf16 precision; MFU and memory are reported."""
+    data = write_jsonl(tmp_path / "d.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:320])
+    ref = run_args(tmp_path, data, **{"sharding.strategy": "none", "train.output_dir": tmp_path / "ref",
+                                      "train.max_steps": 5})
+    torchrun(0, ref)
+    fsdp = run_args(tmp_path, data, **{"sharding.strategy": "fsdp2", "sharding.compute_dtype": "bfloat16",
+                                       "train.output_dir": tmp_path / "fsdp2", "train.max_steps": 5})
+    torchrun(torch.cuda.device_count(), fsdp)
+    for a, b in zip(metrics(tmp_path / "ref"), metrics(tmp_path / "fsdp2")):
+        assert abs(a["loss"] - b["loss"]) <= 2e-2 * a["loss"], (a["loss"], b["loss"])
+    summary = json.loads((tmp_path / "fsdp2/summary.json").read_text())
+    assert summary["mfu"] is not None and summary["peak_mem_gib"] > 0
 
 
 def test_mfu_peak_is_known_for_this_gpu():

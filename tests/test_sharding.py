@@ -28,6 +28,9 @@ def test_strategy_matches_single_process(runs, name):
     ref = "ref_lora" if name.endswith("lora") else "ref"
     # bf16 compute rounds activations to 8 bits of mantissa; the master weights and reduction stay fp32
     assert_same_losses(metrics(runs / ref), metrics(runs / name), rtol=2e-3 if name.endswith("bf16") else 1e-4)
+    if VARIANTS[name][1].get("model.compile"):  # dynamic shapes: a few graphs, not one per row length
+        graphs = json.loads((runs / name / "summary.json").read_text())["compiled_graphs"]
+        assert 0 < graphs <= 12, graphs
     hf = runs / name / "hf"
     if name.endswith("lora"):
         assert json.loads((hf / "adapter_config.json").read_text())["r"] == 4
@@ -42,7 +45,7 @@ def test_strategy_matches_single_process(runs, name):
 def test_lora_export_base_plus_adapter_equals_merged(runs):
     """The random-init base is rebuilt from the seed; base + saved adapter must compute what merged/ computes,
     and merging may only have changed the weights LoRA targets."""
-    hf = runs / "fsdp2_lora" / "hf"
+    hf = runs / "fsdp2_compile_checkpointing_lora" / "hf"
     merged = AutoModelForCausalLM.from_pretrained(hf / "merged").eval()
     torch.manual_seed(42)  # train.seed: the base as the run initialized it
     base = AutoModelForCausalLM.from_config(merged.config)
@@ -80,24 +83,54 @@ def test_two_nodes_match_one(runs, tmp_path, hybrid="true"):
 RANK0_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-import model_setup, sharding
+import model_setup, sampler, sharding
 d = sharding.init_distributed()
 cfg = model_setup.ModelConfig(path={path!r}, random_init=True, dtype="float32")
+torch.manual_seed(0)
 model = model_setup.load_model(cfg, d.device, on_meta=d.rank != 0)
 on_meta = all(p.is_meta for p in model.parameters())
 total = sum(p.numel() for p in model.parameters())
 model = sharding.shard_model(model, sharding.ShardingConfig(strategy="fsdp2", compute_dtype="float32"), d)
 local = sum(p.to_local().numel() for p in model.parameters())
+units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in model.modules())
+batch = sampler.collate([(torch.arange(3, 40 + 9 * d.rank).int().numpy(), torch.ones(37 + 9 * d.rank).byte().numpy())],
+                        d.device)
+del batch["loss_seg"]
+loss = model(**batch)[0]
+loss.backward()
+losses = [torch.zeros(()) for _ in range(2)]
+torch.distributed.all_gather(losses, loss.detach())
+norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).full_tensor()  # of the mean over ranks
+result = {{"meta_before_sharding": on_meta, "local": local, "total": total, "units": units, "loss": loss.item(),
+           "norm": norm.item()}}
+if d.rank == 0:  # the same model unsharded, on both ranks' batches: its gradient norm is the sharded one's
+    torch.manual_seed(0)
+    ref = model_setup.load_model(cfg, d.device)
+    for r in (0, 1):
+        b = sampler.collate([(torch.arange(3, 40 + 9 * r).int().numpy(), torch.ones(37 + 9 * r).byte().numpy())], d.device)
+        del b["loss_seg"]
+        (ref(**b)[0] / 2).backward()
+    result["ref_losses"] = [l.item() for l in losses]
+    result["ref_norm"] = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
 with open(f"{out}/rank{{d.rank}}.json", "w") as f:  # one file per rank: printed lines can interleave
-    json.dump({{"meta_before_sharding": on_meta, "local": local, "total": total}}, f)
+    json.dump(result, f)
 del model  # freed at interpreter exit, its sharded tensors can abort the process (gloo threads)
 torch.distributed.destroy_process_group()
 """
 
 
-def test_only_rank0_reads_weights(tmp_path):
+def test_only_rank0_reads_weights_and_an_untied_embedding_is_a_unit_of_its_own(tmp_path):
+    """FSDP2 from rank 0's weights on a model whose input and output embeddings are not tied: rank 1 never
+    holds the full weights, each rank keeps half, the embedding is sharded as its own unit (blocks + embedding +
+    root), and the gradients equal the unsharded model's on the same two batches."""
+    import shutil
+
+    path = tmp_path / "untied"
+    shutil.copytree(ROOT / "data/quickstart/model", path)
+    cfg = json.loads((path / "config.json").read_text()) | {"tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(cfg))
     script = tmp_path / "rank0.py"
-    script.write_text(RANK0_SCRIPT.format(root=str(ROOT), path=str(ROOT / "data/quickstart/model"), out=tmp_path))
+    script.write_text(RANK0_SCRIPT.format(root=str(ROOT), path=str(path), out=tmp_path))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
                        capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -106,6 +139,9 @@ def test_only_rank0_reads_weights(tmp_path):
     assert ranks[1]["meta_before_sharding"] is True  # rank 1 never held real full weights
     for r in ranks:  # after sharding each rank holds about half
         assert r["local"] <= r["total"] // 2 + 1000
+        assert r["units"] == cfg["num_hidden_layers"] + 2
+    assert [r["loss"] for r in ranks] == pytest.approx(ranks[0]["ref_losses"], rel=1e-6)
+    assert ranks[0]["norm"] == pytest.approx(ranks[0]["ref_norm"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +207,8 @@ def test_resume_keeps_frozen_weights_out(qlora, name, nproc, step, over):
     ({"model.load_in_4bit": "true", "sharding.lora_rank": 4, "sharding.strategy": "deepspeed"},
      "model.load_in_4bit (QLoRA) does not work with DeepSpeed"),
     ({"model.loss": "liger", "logging.sample_losses": "true"}, "logging.sample_losses and logging.noise_scale need"),
+    pytest.param({"model.liger_kernels": "true"}, "run Triton kernels on a CUDA GPU, and none is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_rejected_combinations(tmp_path, small_data, over, message):
     """train.main checks these first, before anything is loaded, and exits with the message (no traceback)."""
