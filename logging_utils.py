@@ -258,7 +258,8 @@ class MetricsLogger:
             "tokens_per_s": tot["tokens"] / train_s} | self._speed(tot["flops"], train_s) | {
             "final_loss": last.get("loss"), "final_eval_loss": tot.get("final_eval_loss"),
             "best_eval_loss": tot.get("best_eval_loss"), "peak_mem_gib": last.get("peak_mem_gib"),
-            "peak_mem_gib_ranks": last.get("peak_mem_gib_ranks"), "peak_reserved_gib": last.get("peak_reserved_gib"), "micro_steps_mean": tot["micro_steps"] / steps,
+            "peak_mem_gib_ranks": last.get("peak_mem_gib_ranks"), "peak_reserved_gib": last.get("peak_reserved_gib"),
+            "micro_steps_mean": tot["micro_steps"] / steps,
             "packing_efficiency_mean": tot["packing_sum"] / steps, "rank_imbalance_max": tot["imbalance_max"]} | extra
         if self.on:
             self.bar.close()

@@ -84,7 +84,8 @@ def run_ours(a, system: str) -> dict:
             f"--data.max_seq_len={a.cap}", f"--model.path={a.work / ('model_lora' if lora else 'model')}",
             f"--model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}", "--sharding.strategy=none",
             f"--sampler.batch_size={a.batch}", f"--sampler.max_tokens_per_rank={a.cap}", f"--train.output_dir={out}",
-            "--train.heldout_file=", f"--train.lr={2e-4 if lora else 1e-4}", "--train.warmup_steps=0",
+            "--train.heldout_file=", "--data.eval_files=[]", f"--train.lr={2e-4 if lora else 1e-4}",
+            "--train.warmup_steps=0",
             f"--model.gradient_checkpointing={str(lora and a.device == 'cuda').lower()}",
             f"--model.compile={str(system == 'ours_compile').lower()}", "--checkpoint.save_every_steps=0"]
     if lora:
@@ -212,7 +213,8 @@ def table(a, results: dict) -> str:
 
     peak = logging_utils._peak_tflops(logging_utils.LogConfig(), torch.device(a.device))
     ours = results.get("ours")
-    lines = ["| system | model | real tokens/s | MFU | peak memory (GiB) | ours / system |", "|---|---|---|---|---|---|"]
+    lines = ["| system | model | real tokens/s | MFU | peak memory (GiB) | ours / system |",
+             "|---|---|---|---|---|---|"]
     for system, r in results.items():
         flops = r.get("flops") or (ours["flops"] if ours and system != "ours_lora" else None)
         mfu = f"{flops / r['train_s'] / (peak * 1e12):.1%}" if peak and flops else "–"

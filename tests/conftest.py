@@ -103,7 +103,8 @@ VARIANTS = {  # name: (processes, overrides); "ref" and "ref_lora" are single pr
                                              "sharding.compute_dtype": "bfloat16"}),
     # and one for compiled blocks, with activation checkpointing (every 2nd block) and LoRA layers inside them
     "fsdp2_compile_checkpointing_lora": (2, {"sharding.strategy": "fsdp2", "model.compile": "true",
-                                             "model.gradient_checkpointing": "true", "model.checkpoint_every": 2} | LORA),
+                                             "model.gradient_checkpointing": "true",
+                                             "model.checkpoint_every": 2} | LORA),
     "zero2": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": 2}),
     "zero3_lora": (2, {"sharding.strategy": "deepspeed", "sharding.zero_stage": 3} | LORA),
 }  # one launch per path: hybrid FSDP2 runs across two launched "nodes" (test_two_nodes_match_one); LoRA under

@@ -93,24 +93,24 @@ total = sum(p.numel() for p in model.parameters())
 model = sharding.shard_model(model, sharding.ShardingConfig(strategy="fsdp2", compute_dtype="float32"), d)
 local = sum(p.to_local().numel() for p in model.parameters())
 units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in model.modules())
-batch = sampler.collate([(torch.arange(3, 40 + 9 * d.rank).int().numpy(), torch.ones(37 + 9 * d.rank).byte().numpy())],
-                        d.device)
-del batch["loss_seg"]
+def batch_of(r):  # one sample per rank, of different lengths
+    b = sampler.collate([(torch.arange(3, 40 + 9 * r).int().numpy(), torch.ones(37 + 9 * r).byte().numpy())], d.device)
+    del b["loss_seg"]
+    return b
+batch = batch_of(d.rank)
 loss = model(**batch)[0]
 loss.backward()
-losses = [torch.zeros(()) for _ in range(2)]
-torch.distributed.all_gather(losses, loss.detach())
 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).full_tensor()  # of the mean over ranks
 result = {{"meta_before_sharding": on_meta, "local": local, "total": total, "units": units, "loss": loss.item(),
            "norm": norm.item()}}
 if d.rank == 0:  # the same model unsharded, on both ranks' batches: its gradient norm is the sharded one's
     torch.manual_seed(0)
     ref = model_setup.load_model(cfg, d.device)
+    result["ref_losses"] = []
     for r in (0, 1):
-        b = sampler.collate([(torch.arange(3, 40 + 9 * r).int().numpy(), torch.ones(37 + 9 * r).byte().numpy())], d.device)
-        del b["loss_seg"]
-        (ref(**b)[0] / 2).backward()
-    result["ref_losses"] = [l.item() for l in losses]
+        ref_loss = ref(**batch_of(r))[0]
+        (ref_loss / 2).backward()
+        result["ref_losses"].append(ref_loss.item())
     result["ref_norm"] = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
 with open(f"{out}/rank{{d.rank}}.json", "w") as f:  # one file per rank: printed lines can interleave
     json.dump(result, f)

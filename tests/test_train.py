@@ -141,9 +141,11 @@ def test_mixture_logs_per_source_losses_that_weight_sum_to_the_step_loss(tmp_pat
 
 # A tiny random-init model of each recipe's architecture family, with that family's real chat template
 # (shared/templates): (template name, config fields beside the sizes)
-FAMILIES = {"meta-llama/Llama-3.1": ("llama3_1", dict(model_type="llama", tie_word_embeddings=False, rope_scaling={
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192}, max_position_embeddings=131072)), "Qwen/Qwen3": ("qwen3", dict(model_type="qwen3", max_position_embeddings=40960))}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+FAMILIES = {"meta-llama/Llama-3.1": ("llama3_1", dict(model_type="llama", tie_word_embeddings=False,
+                                                      rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072)),
+            "Qwen/Qwen3": ("qwen3", dict(model_type="qwen3", max_position_embeddings=40960))}
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
 
 
@@ -164,11 +166,12 @@ def test_every_recipe_trains_two_steps_on_a_tiny_model_of_its_family(tmp_path, r
     tok.save_pretrained(tmp_path / "model")
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        **fields, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, eos_token_id=tok.eos_token_id))
+        **fields, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=tok.eos_token_id))
     lm.save_pretrained(tmp_path / "model")  # real weights: QLoRA quantizes them as it reads them
-    over = {"model.path": tmp_path / "model", "train.output_dir": tmp_path / "run", "data.cache_dir": tmp_path / "cache",
-            "train.max_steps": 2, "sampler.batch_size": 2, "data.num_proc": 1, "model.compile": "false"}
+    over = {"model.path": tmp_path / "model", "train.output_dir": tmp_path / "run",
+            "data.cache_dir": tmp_path / "cache", "train.max_steps": 2, "sampler.batch_size": 2, "data.num_proc": 1,
+            "model.compile": "false"}
     if any(tokenize_data.is_hub_id(f) for f in cfg.data.train_files):
         over["data.train_files"] = "[" + write_jsonl(tmp_path / "chats.jsonl", (
             ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:8]) + "]"
