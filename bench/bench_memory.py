@@ -84,7 +84,7 @@ def main():
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     base = idle_gib()
     print(f"| strategy | parameters | predicted state (GiB) | predicted + idle process {base:.2f} GiB | measured peak "
-          "RSS of each rank (GiB) | max / predicted |")
+          "RSS of each rank (GiB) | max / (predicted + idle) |")
     print("|---|---|---|---|---|---|")
     for name, params, pred, peak, err in rows:
         if peak is None:

@@ -78,6 +78,8 @@ def test_liger_kernels_give_the_same_losses_and_gradients():
 
 def test_inductor_compiled_blocks_give_the_eager_losses(monkeypatch):
     """model.compile with the real backend (the CPU tests use dynamo's eager one), with activation checkpointing."""
+    import torch._dynamo
+
     monkeypatch.setattr(model_setup, "COMPILE_BACKEND", "inductor")
     torch._dynamo.reset()
     ref_losses, ref_grads = _losses_and_grads(gradient_checkpointing=True)
