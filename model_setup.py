@@ -11,7 +11,7 @@ DeepSpeed then see one module that owns every parameter the loss touches.
 
 import inspect
 import os
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -51,26 +51,36 @@ def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softca
     return out.transpose(1, 2)
 
 
-def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
-    """A varlen flash kernel on (1, H, T, D) 16-bit CUDA tensors -> (1, T, H, D), or None if none applies (fp32,
-    or no kernel): flash-attn (FA2/FA3 builds; supports soft-capping) when installed, else PyTorch's own varlen
-    attention where it takes a scale, a window and grouped-query heads (torch >= 2.10)."""
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+@cache
+def _varlen_kernels():
+    """(flash-attn's varlen function, PyTorch's `varlen_attn` where it takes a scale, a window and grouped-query
+    heads (torch >= 2.10)), None for one that is absent. Looked up once: Python does not cache a failed import, and
+    this is asked in every attention call."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         flash_attn_varlen_func = None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+        varlen_attn = None
+    return flash_attn_varlen_func, varlen_attn
+
+
+def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
+    """A varlen flash kernel on (1, H, T, D) 16-bit CUDA tensors -> (1, T, H, D), or None if none applies (fp32,
+    or no kernel): flash-attn (FA2/FA3 builds; supports soft-capping) when installed, else PyTorch's own."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    flash_attn_varlen_func, varlen_attn = _varlen_kernels()
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
     if flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
                                       window_size=(window - 1, 0) if window else (-1, -1),
                                       softcap=softcap or 0.0).unsqueeze(0)
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    if softcap is None and "enable_gqa" in inspect.signature(varlen_attn).parameters:
+    if softcap is None and varlen_attn is not None:
         return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
                            window_size=(window - 1, 0) if window else (-1, 0)).unsqueeze(0)  # (-1, 0) = causal
     return None

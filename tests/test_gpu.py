@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import model_setup
-import sampler
 from conftest import QS_MODEL, ROOT, metrics, run_args, torchrun, write_jsonl
-from test_model import CONFIGS, assert_packed_equals_per_sample
+from test_model import CONFIGS, assert_packed_equals_per_sample, random_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -57,10 +56,7 @@ def _losses_and_grads(steps=6, **model_kw):
                                    torch.device("cuda"))
     losses = []
     for _ in range(steps):
-        batch = sampler.collate([(rng.integers(1, 300, n).astype(np.int32), (rng.random(n) < 0.6).astype(np.uint8))
-                                 for n in rng.integers(5, 200, rng.integers(1, 6))], torch.device("cuda"))
-        del batch["loss_seg"]
-        loss = model(**batch)[0]
+        loss = model(**random_batch(rng, 200, torch.device("cuda")))[0]
         loss.backward()
         losses.append(loss.detach())
     return torch.stack(losses), [p.grad for p in model.parameters()]

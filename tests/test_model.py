@@ -149,6 +149,15 @@ def test_selective_activation_checkpointing_gives_identical_gradients():
         assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads[name])), name
 
 
+def random_batch(rng: np.random.Generator, max_len: int, device: torch.device) -> dict:
+    """The model's input for 1 to 5 random samples of 5 to `max_len` tokens (ids below 300), ~60% of them trained."""
+    samples_ = [(rng.integers(1, 300, n).astype(np.int32), (rng.random(n) < 0.6).astype(np.uint8))
+                for n in rng.integers(5, max_len, rng.integers(1, 6))]
+    batch = sampler.collate(samples_, device)
+    del batch["loss_seg"]  # the loop's, not the model's
+    return batch
+
+
 def test_compiled_blocks_give_the_eager_losses_and_stop_compiling():
     """model.compile on vs off over 20 micro-batches of different lengths: the same losses and gradients (fp32), and
     no new graph after the first lengths (dynamic shapes). Dynamo's eager backend (conftest) captures the graphs
@@ -162,13 +171,7 @@ def test_compiled_blocks_give_the_eager_losses_and_stop_compiling():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests in this process
     rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(20):
-        samples_ = [(rng.integers(1, 300, n).astype(np.int32), (rng.random(n) < 0.6).astype(np.uint8))
-                    for n in rng.integers(5, 60, rng.integers(1, 6))]
-        batch = sampler.collate(samples_, torch.device("cpu"))
-        del batch["loss_seg"]
-        batches.append(batch)
+    batches = [random_batch(rng, 60, torch.device("cpu")) for _ in range(20)]
     runs = {}
     for compiled in (False, True):
         torch.manual_seed(0)
