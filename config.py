@@ -62,6 +62,8 @@ class ModelConfig:
     #   families Liger covers); its fused loss is model.loss: liger
     load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`
     #   (bitsandbytes extra); needs real weights (random_init: false) and LoRA (sharding.lora_rank > 0)
+    self_check: bool = True  # before the first step, compare a packed row of the run's samples with the family's
+    #   own forward of each sample alone, and stop if they differ (README, Model families); false skips it
 
 
 @section("train")

@@ -9,8 +9,11 @@
 DeepSpeed then see one module that owns every parameter the loss touches.
 """
 
+import importlib.util
 import inspect
 import os
+import re
+import sys
 from functools import cache, partial
 
 import torch
@@ -21,11 +24,11 @@ from torch.utils.checkpoint import checkpoint
 from config import ModelConfig
 
 
-def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softcap):
+def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softcap, sinks):
     """(1, H, T, D) tensors, bounds = cu_seqlens as a list -> (1, T, H, D). Causal attention within each sample,
     never across a boundary, without a T x T mask: samples of equal length are stacked into one SDPA call
     (exact, no padding). A mask of a sample's own size is built only for a sliding window shorter than the
-    sample or for logit soft-capping (Gemma-2)."""
+    sample, for logit soft-capping (Gemma-2) or for attention sinks (gpt-oss)."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: share each K/V head among `groups` query heads
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -36,7 +39,7 @@ def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softca
     for L, starts in by_len.items():
         pos = (torch.tensor(starts)[:, None] + torch.arange(L)).flatten().to(query.device)  # (n * L,)
         q, k, v = (x[0][:, pos].unflatten(1, (len(starts), L)).transpose(0, 1) for x in (query, key, value))
-        if softcap is None and (window is None or L <= window):  # (n, H, L, D)
+        if softcap is None and sinks is None and (window is None or L <= window):  # (n, H, L, D)
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
         else:
             i = torch.arange(L, device=q.device)
@@ -46,7 +49,10 @@ def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softca
             scores = (q @ k.transpose(-1, -2)).float() * scaling
             if softcap is not None:
                 scores = torch.tanh(scores / softcap) * softcap
-            o = F.dropout(scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype), dropout) @ v
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            if sinks is not None:  # one learned logit per head joins each softmax and attends to nothing
+                scores = torch.cat([scores, sinks.float()[None, :, None, None].expand(len(starts), -1, L, 1)], -1)
+            o = F.dropout(scores.softmax(-1)[..., :L].to(v.dtype), dropout) @ v
         out[0][:, pos] = o.transpose(0, 1).flatten(1, 2)
     return out.transpose(1, 2)
 
@@ -87,20 +93,23 @@ def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                     softcap=None, **kwargs):
+                     softcap=None, s_aux=None, **kwargs):
     """transformers attention-interface signature. Reads the sample boundaries from the `cu_seq_lens_q` and
-    `max_length_q` kwargs (the names transformers' flash-attention path uses) that `PackedCausalLM` passes."""
+    `max_length_q` kwargs (the names transformers' flash-attention path uses) that `PackedCausalLM` passes.
+    `s_aux`: gpt-oss's attention sinks (H,). No varlen kernel here takes them, and correcting a kernel's output by
+    its log-sum-exp would not be exact in backward (neither flash-attn nor PyTorch's varlen kernel differentiates
+    its LSE output), so rows with sinks take the per-sample path, on CUDA too."""
     if "cu_seq_lens_q" not in kwargs:
         raise ValueError("packed attention needs the sample boundaries (cu_seq_lens_q); call the model through "
                          "PackedCausalLM, or load it with attn_implementation='sdpa' to generate")
     cu, max_len = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout = dropout if module.training else 0.0
-    if query.is_cuda and dropout == 0.0:
+    if query.is_cuda and dropout == 0.0 and s_aux is None:
         out = _varlen_cuda(query, key, value, cu, max_len, scaling, sliding_window, softcap)
         if out is not None:
             return out, None
-    return _sdpa_per_sample(query, key, value, cu.tolist(), scaling, dropout, sliding_window, softcap), None
+    return _sdpa_per_sample(query, key, value, cu.tolist(), scaling, dropout, sliding_window, softcap, s_aux), None
 
 
 def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
@@ -193,26 +202,168 @@ COMPILE_BACKEND = os.environ.get("SFT_COMPILE_BACKEND", "inductor")
 LOSSES = {"chunked": compute_loss_chunked, "plain": compute_loss, "liger": compute_loss_liger}
 
 
-class PackedCausalLM(nn.Module):
-    """The HF model plus our loss; `lm` is the unchanged transformers (or peft) model."""
+def _logit_modifiers(c) -> tuple[float, float | None]:
+    """(multiplier, soft-cap) that the family's *ForCausalLM.forward applies to the logits after its output layer,
+    which our loss bypasses. Found by reading `self.lm_head(` in every *ForCausalLM of transformers 5.24; a family
+    whose head does something else is refused by the start-up self-check (`self_check`)."""
+    t = c.model_type
+    if t.startswith("cohere"):  # Command-R: logits * logit_scale
+        scale = c.logit_scale or 1.0
+    elif t.startswith("granite") or t == "minicpm3":  # logits / logits_scaling (MiniCPM3 divides the hidden states)
+        scale = 1.0 / c.logits_scaling
+    elif t == "hyperclovax":  # the same key as Granite's, multiplied
+        scale = c.logits_scaling
+    elif t == "falcon_h1":
+        scale = c.lm_head_multiplier
+    else:
+        scale = 1.0
+    softcaps = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")  # Gemma, RecurrentGemma, xLSTM
+    return scale, next((v for k in softcaps if (v := getattr(c, k, None))), None)
 
-    def __init__(self, lm: nn.Module, loss_fn=compute_loss_chunked):
+
+def _router_aux_loss(lm: nn.Module):
+    """(the family's load_balancing_loss_func with its experts and top-k bound, router_aux_loss_coef) when the config
+    asks for the MoE router's auxiliary loss (output_router_logits: true), else None. It is the family's own
+    function, called as its *ForCausalLM.forward calls it (26 MoE families of transformers 5.24)."""
+    c = lm.config
+    if not getattr(c, "output_router_logits", False):
+        return None
+    fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
+    names = ["gate_logits", "num_experts", "top_k", "attention_mask"]
+    if fn is None or list(inspect.signature(fn).parameters) != names or not hasattr(lm, "router_aux_loss_coef"):
+        raise ValueError(f"{c.model_type}: its MoE router auxiliary loss (output_router_logits: true) is not supported "
+                         "yet; set output_router_logits: false in the model's config.json")
+    return partial(fn, num_experts=lm.num_experts, top_k=lm.num_experts_per_tok), lm.router_aux_loss_coef
+
+
+def _stateful_layers(lm: nn.Module) -> list[str]:
+    """Class names of the layers that carry a state along the sequence (state-space, convolution, linear attention),
+    which would carry it from one sample into the next in a packed row. transformers' own code tells: such a
+    layer keeps that state in the generation cache as a conv, recurrent, ssm or linear-attention state."""
+    found = set()
+    for cls in {type(m) for m in lm.modules()}:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if re.search(r"(conv|recurrent|ssm)_state|linear_cache", source):
+            found.add(cls.__name__)
+    return sorted(found)
+
+
+def _packing_kernels(lm: nn.Module) -> list[str]:
+    """The modules whose kernels keep the samples of a packed row apart in the family's stateful layers (they take
+    seq_idx / cu_seqlens); transformers' PyTorch fallbacks cannot (integrations/hub_kernels.py)."""
+    source = inspect.getsource(sys.modules[type(lm).__module__])
+    return sorted(set(re.findall(r'use_kernel_func_from_hub_with_fallback\(\s*"\w+",\s*"(\w+)"', source)))
+
+
+class PackedCausalLM(nn.Module):
+    """The HF model plus our loss; `lm` is the unchanged transformers (or peft) model. `packs`: the samples of a
+    micro-batch share one row; False: one sample per row, right-padded (exact for layers that carry a state along
+    the row: the padding comes after each sample, so causal layers never see it)."""
+
+    def __init__(self, lm: nn.Module, loss_fn=compute_loss_chunked, device: torch.device = torch.device("cpu")):
         super().__init__()
         self.lm, self.loss_fn = lm, loss_fn
+        self.scale, self.softcap = _logit_modifiers(lm.config)
+        self.router_aux = _router_aux_loss(lm)
+        stateful = _stateful_layers(lm)
+        kernels = _packing_kernels(lm) if stateful else []
+        # a stateful layer keeps packed samples apart only in its CUDA kernels, which read each token's sample
+        self.packs = not stateful or (device.type == "cuda" and bool(kernels)
+                                      and all(importlib.util.find_spec(k) for k in kernels))
+        self.seq_idx = bool(stateful)
+        self.note = ""  # printed once at start-up
+        if not self.packs:
+            names = " and ".join({"fla": "flash-linear-attention"}.get(k, k.replace("_", "-")) for k in kernels)
+            self.note = (f"model: {lm.config.model_type}'s {', '.join(stateful)} layers carry a state along the row: "
+                         "training one sample per row (exact, padded; packing needs "
+                         + (f"a CUDA GPU with {names} installed)" if kernels else "kernels this family has not)"))
+            # right-padded rows need no mask in causal attention: transformers' own, not our packed one
+            lm.set_attn_implementation("sdpa" if lm._supports_sdpa else "eager")
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, **batch):
-        """`batch`: loss_idx, targets, loss_weight (sampler.collate). Returns (loss_sum, token_losses)."""
-        hidden = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                       cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-                                       max_length_q=max_seqlen, max_length_k=max_seqlen).last_hidden_state
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, family_forward: bool = False,
+                **batch) -> dict:
+        """`batch`: loss_idx, targets, loss_weight (sampler.collate). Returns {"loss": what is back-propagated (the
+        weighted token losses summed, plus the extra terms), "token_losses": (S,) without gradient, "terms": each
+        extra term by name, detached}. `family_forward`: the family's own forward instead (see self_check)."""
+        if family_forward:
+            return self._family_losses(input_ids, cu_seqlens, batch)
+        hidden, out, real = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
         weight = self.lm.get_output_embeddings().weight  # (V, H)
+        terms = {}
+        if self.router_aux:  # the micro-batch's aux loss, weighted by its share of the step's normalizer: the
+            fn, coef = self.router_aux  # step's term is then the token-weighted mean of the micro-batches'
+            n = batch["loss_weight"].sum() if batch.get("loss_weight") is not None else len(batch["targets"])
+            terms["router_aux_loss"] = coef * fn(out.router_logits, attention_mask=real) * n
         if batch["targets"].numel() == 0:  # an empty micro-batch: a zero that still reaches every parameter, so
-            return hidden.sum() * 0.0 + weight.sum() * 0.0, batch["targets"].float()  # backward runs everywhere
-        c = self.lm.config
-        # Output-logit modifiers some families apply in their *ForCausalLM.forward, which we bypass:
-        # Granite divides the logits by `logits_scaling`, Gemma-2 soft-caps them.
-        scale = 1.0 / getattr(c, "logits_scaling", 1.0)
-        return self.loss_fn(hidden[0], weight, batch, scale, getattr(c, "final_logit_softcapping", None))
+            loss = hidden.sum() * 0.0 + weight.sum() * 0.0  # backward runs everywhere
+            token_losses = batch["targets"].float()
+        else:
+            loss, token_losses = self.loss_fn(hidden, weight, batch, self.scale, self.softcap)
+        return {"loss": loss + sum(terms.values()), "token_losses": token_losses,
+                "terms": {k: v.detach() for k, v in terms.items()}}
+
+    def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
+        """(T, H) hidden states after the final norm, in packed order; the decoder's output; the (B, L) mask of real
+        tokens when each sample has its own row (None when packed)."""
+        kw = {"use_cache": False, "output_router_logits": True} if self.router_aux else {"use_cache": False}
+        decoder = self.lm.get_decoder()
+        if self.packs:
+            if self.seq_idx:  # each token's sample, for the state-space and convolution kernels
+                kw["seq_idx"] = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=input_ids.device,
+                                                                     dtype=torch.int32), cu_seqlens.diff())[None]
+            out = decoder(input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
+                          cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen, **kw)
+            return out.last_hidden_state[0], out, None
+        real = torch.arange(max_seqlen, device=input_ids.device) < cu_seqlens.diff()[:, None]  # (B, L)
+        rows = input_ids.new_zeros(real.shape)
+        rows[real] = input_ids[0]
+        out = decoder(input_ids=rows, **kw)
+        return out.last_hidden_state[real], out, real
+
+    @torch.no_grad()
+    def _family_losses(self, input_ids, cu_seqlens, batch) -> dict:
+        """The token losses of the family's own *ForCausalLM forward, with its own eager attention, of each sample
+        alone: one right-padded row per sample, with its attention mask."""
+        implementation = self.lm.config._attn_implementation
+        self.lm.set_attn_implementation("eager")
+        real = torch.arange(int(cu_seqlens.diff().max()), device=input_ids.device) < cu_seqlens.diff()[:, None]
+        rows = input_ids.new_zeros(real.shape)  # (B, L)
+        rows[real] = input_ids[0]
+        try:
+            logits = self.lm(input_ids=rows, attention_mask=real.long(), use_cache=False).logits[real]  # (T, V)
+        finally:
+            self.lm.set_attn_implementation(implementation)
+        token_losses = F.cross_entropy(logits[batch["loss_idx"]].float(), batch["targets"], reduction="none")
+        if batch.get("loss_weight") is not None:
+            token_losses = token_losses * batch["loss_weight"]
+        return {"loss": token_losses.sum(), "token_losses": token_losses, "terms": {}}
+
+
+# the largest relative difference of a token's loss the self-check accepts, by compute dtype: fp32 kernels agree to
+# ~1e-6, 16-bit ones to ~1e-2 (BENCHMARKS.md; a leaking or wrongly scaled family differs by 1e-1 or more at bf16
+# on trained weights, and by >= 3e-4 already on random ones, where fp32 catches it)
+SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+@torch.no_grad()
+def self_check(model: nn.Module, batch: dict) -> float:
+    """The packed row `batch` (sampler.collate) through `model` as it trains (sharded, with adapters, compiled)
+    against the family's own forward of each of its samples alone: the largest difference of a token's loss,
+    relative to their mean. The caller compares it with SELF_CHECK_TOLERANCE. Every rank must call it alike."""
+    inner = getattr(model, "module", model)  # DeepSpeed's engine holds ours as .module
+    loss_fn = inner.loss_fn
+    if loss_fn is compute_loss_liger:  # it gives no token losses; the same logits go into the plain loss
+        inner.loss_fn = compute_loss
+    was_training = model.training
+    model.eval()  # dropout off in both
+    ours = model(**batch)["token_losses"].float()
+    theirs = model(**batch, family_forward=True)["token_losses"].float()
+    model.train(was_training)
+    inner.loss_fn = loss_fn
+    return ((ours - theirs).abs().max() / theirs.abs().mean().clamp_min(1e-12)).item()  # host sync, meant: once
 
 
 def _apply_liger_kernels(lm: nn.Module):
@@ -242,7 +393,6 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
     if on_meta:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
-        device = "meta"
     elif cfg.random_init:  # initialized where it will train (an 8B model initializes in seconds on a GPU)
         with torch.device(device):
             lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
@@ -272,4 +422,4 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
                 block.gradient_checkpointing = False  # region: the attention's graph break in it makes the whole
                 forward = partial(checkpoint, forward, use_reentrant=False)  # block eager; checkpoint around it
             block.forward = forward
-    return PackedCausalLM(lm if cfg.load_in_4bit else lm.to(device), LOSSES[cfg.loss])
+    return PackedCausalLM(lm if cfg.load_in_4bit or on_meta else lm.to(device), LOSSES[cfg.loss], device)

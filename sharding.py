@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -87,6 +88,18 @@ def wait_for_rank0(obj=None):
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=_RANK0_WORK)
     return box[0]
+
+
+def all_reduce_sum(named: dict[str, torch.Tensor | float], d: Dist) -> dict[str, np.ndarray]:
+    """Each named tensor (or number) summed over the ranks in one all-reduce, in fp64, returned by name on the host
+    (a host sync, meant: the caller decides from the result)."""
+    parts = [torch.as_tensor(t, device=d.device).double().reshape(-1) for t in named.values()]
+    flat = torch.cat(parts)
+    if d.world_size > 1:
+        dist.all_reduce(flat)
+    values = np.split(flat.cpu().numpy(), np.cumsum([len(p) for p in parts])[:-1])
+    # [()]: a number for a 0-d tensor, the array otherwise
+    return {name: v.reshape(torch.as_tensor(t).shape)[()] for (name, t), v in zip(named.items(), values)}
 
 
 def collective_failed(e: BaseException) -> bool:

@@ -115,7 +115,8 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
     for mb in micro_batches:
         batch = sampler.collate([cache[i] for i in mb], d.device)
         del batch["loss_seg"]
-        loss_sum += model(**batch)[0]
+        result = model(**batch)
+        loss_sum += result["loss"] - sum(result["terms"].values())  # the main loss, without extra terms
     model.train()
     if d.world_size > 1:
         dist.all_reduce(loss_sum)
@@ -158,6 +159,31 @@ def _resume_point(out: Path, cfg: config.Config, cache: tokenize_data.TokenCache
     print0(f"resuming from {path} at step {state['step']} (saved by {state['world_size']} rank(s))"
            + "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), rank=d.rank)
     return path, state
+
+
+def _self_check(model: torch.nn.Module, cfg: config.Config, cache: tokenize_data.TokenCache,
+                plan: sampler.MultipackPlan, d: sharding.Dist):
+    """Exits unless the model as it trains computes on a packed row of the run's own samples (the 4 shortest of
+    the first step that have a target) what the family's own forward computes on each sample alone."""
+    first = [int(i) for i in plan.step_samples(0, 0) if cache[i][1][1:].any()]
+    chosen = sorted(first, key=lambda i: cache.lengths[i])[:4]
+    batch = sampler.collate([cache[i] for i in chosen], d.device)
+    del batch["loss_seg"]
+    t0 = time.perf_counter()
+    diff = torch.tensor(model_setup.self_check(model, batch), device=d.device)
+    if d.world_size > 1:  # every rank decides alike
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    dtype = cfg.model.dtype if cfg.sharding.strategy == "none" else cfg.sharding.compute_dtype
+    tolerance = model_setup.SELF_CHECK_TOLERANCE[dtype]
+    family = getattr(model, "module", model).lm.config.model_type  # DeepSpeed's engine holds ours as .module
+    if not diff <= tolerance:  # NaN too
+        sys.exit(f"error: model {family}: a packed row of {len(chosen)} of the run's samples differs from the "
+                 f"family's own forward of each by {diff:.1e} (largest token loss difference, relative; {dtype} "
+                 f"allows {tolerance:.0e}): its loss would be trained wrong. Not supported yet; "
+                 "model.self_check: false trains it anyway")
+    print0(f"self-check: {family}, a packed row of {len(chosen)} samples ({int(batch['cu_seqlens'][-1])} tokens) "
+           f"equals the family's own forward within {diff:.1e} (allowed {tolerance:.0e}), "
+           f"{time.perf_counter() - t0:.2f}s", rank=d.rank)
 
 
 def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
@@ -233,6 +259,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
         model = model_setup.load_model(cfg.model, d.device, on_meta=from_rank0 and d.rank != 0)
     except (ImportError, ValueError) as e:  # an extra not installed; a model Liger has no kernels for
         sys.exit(f"error: {e}")
+    if model.note:
+        print0(model.note, rank=d.rank)
     model = sharding.shard_model(model, cfg.sharding, d, from_rank0)
     optimizer = build_optimizer(model, tc)
     print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -248,6 +276,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
             sys.exit(f"error: {e}")
         print0(f"loaded {resume[0]} in {time.perf_counter() - t0:.1f}s", rank=d.rank)
         state = resume[1]
+    if cfg.model.self_check:
+        _self_check(model, cfg, cache, plan, d)
     log = logging_utils.MetricsLogger(out, cfg.logging, total_steps, d.rank, d.world_size, d.device,
                                       config.to_dict(cfg), state.get("metrics"))
     noise = logging_utils.NoiseScale(sharding.reduces_in_backward(cfg.sharding), d.world_size) \
@@ -272,6 +302,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
         sample_counts = np.bincount(slot, counts, len(uniq))  # per unique sample
         sample_weight = np.bincount(slot, sample_weight, len(uniq))
         loss_sum, n_trained, data_wait_s = torch.zeros((), device=d.device), 0, 0.0
+        term_sums = {}  # extra loss terms (model_setup.PackedCausalLM) by name, summed over micro-batches
         sample_sums = torch.zeros(len(uniq), device=d.device)  # token losses summed per sample
         noise_parts = torch.zeros(3, device=d.device)
         micro_batches = step_plan[d.rank]
@@ -282,7 +313,10 @@ def _train(cfg: config.Config, d: sharding.Dist):
             segment = batch.pop("loss_seg")  # (S,) the sample of each target, within the micro-batch
             n_trained += len(batch["targets"])
             data_wait_s += time.perf_counter() - t_data
-            micro_loss, token_losses = model(**batch)
+            result = model(**batch)
+            micro_loss, token_losses = result["loss"], result["token_losses"]
+            for name, term in result["terms"].items():
+                term_sums[name] = term_sums.get(name, 0.0) + term
             if token_losses is not None and mb:
                 sample_sums.index_add_(0, torch.as_tensor(np.searchsorted(uniq, mb), device=d.device)[segment],
                                        token_losses)
@@ -291,19 +325,16 @@ def _train(cfg: config.Config, d: sharding.Dist):
             sharding.backward(model, micro_loss * (d.world_size / (n_step or 1)), j == len(micro_batches) - 1)
             if noise and j == 0:  # the gradient of the first micro-batch: the small batch of the noise scale
                 noise_parts = noise.parts(sharding.grad_sq_norm(model), len(batch["targets"]), n_step)
-            loss_sum += micro_loss.detach()
+            loss_sum += micro_loss.detach() - sum(result["terms"].values())
         WHERE["phase"] = "reduce"
         sharding.reduce_gradients(model, cfg.sharding, d)
         # one collective for the step's loss, whether any rank was asked to stop, the targets trained, the
-        # per-sample sums and the noise scale's parts
-        reduced = torch.cat([torch.stack([loss_sum, torch.tensor(float(bool(caught)), device=d.device),
-                                          torch.tensor(float(n_trained), device=d.device)]).double(),
-                             noise_parts.double(), sample_sums.double()])
-        if d.world_size > 1:
-            dist.all_reduce(reduced)
-        # Host syncs, meant: everything above, global, once per step, so all ranks decide alike.
-        reduced = reduced.cpu().numpy()
-        loss_sum, stop, n_trained, noise_parts, sample_sums = *reduced[:3], reduced[3:6], reduced[6:]
+        # per-sample sums, the noise scale's parts and the extra loss terms; global, so all ranks decide alike
+        reduced = sharding.all_reduce_sum(term_sums | {
+            "loss_sum": loss_sum, "stop": torch.tensor(float(bool(caught))), "n_trained": torch.tensor(n_trained),
+            "noise_parts": noise_parts, "sample_sums": sample_sums}, d)
+        loss_sum, stop, n_trained = reduced["loss_sum"], reduced["stop"], reduced["n_trained"]
+        noise_parts, sample_sums = reduced["noise_parts"], reduced["sample_sums"]
         if n_trained != counts.sum():  # the ranks' micro-batches must hold exactly the step's samples
             raise RuntimeError(f"step {step + 1}: the micro-batches trained {n_trained:.0f} targets, the plan's step "
                                f"has {counts.sum()}: the step plan lost or repeated samples")
@@ -333,6 +364,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
                                        for i, x, n in zip(uniq, sample_losses, sample_counts)])
         if noise:
             m["noise_scale"] = noise.update(noise_parts, grad_norm, n_step)
+        m |= {name: float(reduced[name]) / (n_step or 1) for name in term_sums}
         if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
             WHERE["phase"] = "eval"
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, n_eval, d)

@@ -56,7 +56,7 @@ def _losses_and_grads(steps=6, **model_kw):
                                    torch.device("cuda"))
     losses = []
     for _ in range(steps):
-        loss = model(**random_batch(rng, 200, torch.device("cuda")))[0]
+        loss = model(**random_batch(rng, 200, torch.device("cuda")))["loss"]
         loss.backward()
         losses.append(loss.detach())
     return torch.stack(losses), [p.grad for p in model.parameters()]

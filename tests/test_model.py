@@ -1,11 +1,11 @@
-"""Packed attention and the chunked loss against transformers' own unpacked computation."""
+"""Packed attention and the chunked loss against transformers' own unpacked computation (every family's loss and
+gradients: test_families.py)."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 import model_setup
@@ -65,29 +65,6 @@ def test_packed_hidden_states_equal_per_sample(name):
     assert_packed_equals_per_sample(name, torch.device("cpu"), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_packed_loss_and_grads_equal_unpacked_cross_entropy(name):
-    """Our loss on one packed row == F.cross_entropy on transformers' own logits, sample by sample."""
-    ours, ref = models(name)
-    batch = sampler.collate(samples(), torch.device("cpu"))
-    del batch["loss_seg"]
-    loss_sum, token_losses = ours(**batch)
-    loss_sum.backward()
-    ref_sum, ref_n = 0.0, 0
-    for ids, mask in samples():
-        ids = torch.from_numpy(ids).long()
-        logits = ref(input_ids=ids[None]).logits[0, :-1]  # applies the family's final soft-capping itself
-        targets = torch.where(torch.from_numpy(mask[1:]).bool(), ids[1:], -100)
-        ref_sum = ref_sum + F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
-        ref_n += int((targets != -100).sum())
-    ref_sum.backward()
-    assert len(token_losses) == ref_n and not token_losses.requires_grad
-    torch.testing.assert_close(loss_sum, ref_sum, atol=1e-5, rtol=1e-6)
-    torch.testing.assert_close(token_losses.sum(), loss_sum.detach())
-    for (name_, p), q in zip(ours.lm.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name_)
-
-
 @pytest.mark.parametrize("scale,softcap,weighted", [(1.0, None, False), (0.25, None, True), (1.0, 3.0, True)])
 def test_chunked_loss_equals_the_plain_one(scale, softcap, weighted):
     """model.loss chunked (fused, gradients in forward) == plain (the readable one a fork edits): values, token
@@ -110,18 +87,18 @@ def test_weights_of_one_reproduce_the_unweighted_loss_exactly():
     ours, _ = models("llama")
     batch = sampler.collate(samples(), torch.device("cpu"))
     del batch["loss_seg"]
-    loss, tokens = ours(**batch)
+    out = ours(**batch)
     ones = ours(**batch | {"loss_weight": torch.ones(len(batch["targets"]))})
-    assert torch.equal(loss, ones[0]) and torch.equal(tokens, ones[1])
+    assert torch.equal(out["loss"], ones["loss"]) and torch.equal(out["token_losses"], ones["token_losses"])
 
 
 def test_empty_micro_batch_has_zero_loss_but_reaches_every_parameter():
     ours, _ = models("llama")
     batch = sampler.collate([], torch.device("cpu"))
     del batch["loss_seg"]
-    loss, token_losses = ours(**batch)
-    loss.backward()
-    assert len(token_losses) == 0 and loss.item() == 0.0
+    out = ours(**batch)
+    out["loss"].backward()
+    assert len(out["token_losses"]) == 0 and out["loss"].item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
 
 
@@ -142,7 +119,7 @@ def test_selective_activation_checkpointing_gives_identical_gradients():
         assert flags == {"none": [False] * 4, "every": [True] * 4, "every_2": [True, False, True, False]}[name]
         batch = sampler.collate(samples(), torch.device("cpu"))
         del batch["loss_seg"]
-        loss = model(**batch)[0]
+        loss = model(**batch)["loss"]
         loss.backward()
         grads[name] = [loss.detach()] + [p.grad for p in model.parameters()]
     for name in ("every", "every_2"):
@@ -180,7 +157,7 @@ def test_compiled_blocks_give_the_eager_losses_and_stop_compiling():
         model.train()
         losses, graphs = [], []
         for batch in batches:
-            loss = model(**batch)[0]
+            loss = model(**batch)["loss"]
             loss.backward()
             losses.append(loss.detach())
             graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])

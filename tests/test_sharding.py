@@ -98,7 +98,7 @@ def batch_of(r):  # one sample per rank, of different lengths
     del b["loss_seg"]
     return b
 batch = batch_of(d.rank)
-loss = model(**batch)[0]
+loss = model(**batch)["loss"]
 loss.backward()
 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).full_tensor()  # of the mean over ranks
 result = {{"meta_before_sharding": on_meta, "local": local, "total": total, "units": units, "loss": loss.item(),
