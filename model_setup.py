@@ -312,8 +312,8 @@ class PackedCausalLM(nn.Module):
         decoder = self.lm.get_decoder()
         if self.packs:
             if self.seq_idx:  # each token's sample, for the state-space and convolution kernels
-                kw["seq_idx"] = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=input_ids.device,
-                                                                     dtype=torch.int32), cu_seqlens.diff())[None]
+                samples = torch.arange(len(cu_seqlens) - 1, device=input_ids.device, dtype=torch.int32)
+                kw["seq_idx"] = samples.repeat_interleave(cu_seqlens.diff(), output_size=input_ids.shape[1])[None]
             out = decoder(input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
                           cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen, **kw)
             return out.last_hidden_state[0], out, None

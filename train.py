@@ -276,6 +276,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
             sys.exit(f"error: {e}")
         print0(f"loaded {resume[0]} in {time.perf_counter() - t0:.1f}s", rank=d.rank)
         state = resume[1]
+    caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
     if cfg.model.self_check:
         _self_check(model, cfg, cache, plan, d)
     log = logging_utils.MetricsLogger(out, cfg.logging, total_steps, d.rank, d.world_size, d.device,
@@ -286,7 +287,6 @@ def _train(cfg: config.Config, d: sharding.Dist):
         eval_cfg = sampler.SamplerConfig(batch_size=len(eval_cache), max_tokens_per_rank=cap)
         eval_plan = sampler.MultipackPlan(eval_cache.lengths, eval_cfg, d.world_size, tc.seed).plan(0, 0)[d.rank]
         n_eval = sampler.step_targets([eval_cache[i] for i in range(len(eval_cache))])[2]
-    caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
     model.train()  # from_pretrained returns eval mode, in which dropout (LoRA's too) is off
 
     for step in range(state["step"], total_steps):

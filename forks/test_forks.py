@@ -78,7 +78,7 @@ def test_muon_orthogonalizes_the_update_of_each_decoder_matrix():
     assert in_muon == {n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n}
     assert in_muon and all("proj" in n for n in in_muon)
     batch, before = quickstart_batch(), {n: p.detach().clone() for n, p in model.named_parameters()}
-    model(**batch)[0].backward()
+    model(**batch)["loss"].backward()
     train.Optimizers([muon, adamw]).step()
     for n, p in model.named_parameters():
         if n in in_muon:  # a whitened update: its largest singular values alike (Newton-Schulz leaves them within

@@ -155,3 +155,45 @@ def test_self_check_refuses_a_family_made_wrong():
     ours, _ = models("gpt-oss")
     AttentionInterface.register("packed", lambda *args, s_aux=None, **kw: model_setup.packed_attention(*args, **kw))
     assert model_setup.self_check(ours, batch_of(samples())) > 1e-3
+
+
+def family_dir(tmp_path, name: str, **extra) -> str:
+    """A model directory of a tiny `name` (random_init) with the quickstart tokenizer."""
+    import shutil
+
+    from conftest import QS_MODEL
+
+    path = tmp_path / name
+    shutil.copytree(QS_MODEL, path)
+    config(name, vocab_size=334, **extra).save_pretrained(path)
+    return str(path)
+
+
+def test_the_trainer_refuses_a_wrong_family_in_one_line(tmp_path, small_data, monkeypatch):
+    """Cohere2 with its logit scale forgotten (as before this check): one `error:` line naming the family, the
+    difference and the way out; no step is trained."""
+    from conftest import in_process, run_args
+
+    monkeypatch.setattr(model_setup, "_logit_modifiers", lambda c: (1.0, None))
+    args = run_args(tmp_path, small_data, **{"model.path": family_dir(tmp_path, "cohere2", logit_scale=0.25),
+                                             "sharding.strategy": "none"})
+    with pytest.raises(AssertionError) as exit_:
+        in_process(args)
+    message = str(exit_.value).splitlines()[0]
+    assert message.startswith("train.py exited with \"error: model cohere2: a packed row of 4 of the run's samples")
+    assert "float32 allows 1e-04" in message and "model.self_check: false" in message
+    assert not (tmp_path / "run/metrics.jsonl").exists()
+
+
+def test_a_hybrid_moe_trains_one_sample_per_row_and_logs_its_router_loss(tmp_path, small_data):
+    """Granite-4 (Mamba-2 + attention + MoE) end to end on CPU: start-up says it trains one sample per row and
+    which packages would pack it, the self-check passes, and the router aux loss is its own metric."""
+    from conftest import in_process, metrics, run_args
+
+    path = family_dir(tmp_path, "granite-4-hybrid", output_router_logits=True, router_aux_loss_coef=0.01)
+    p = in_process(run_args(tmp_path, small_data, **{"model.path": path, "sharding.strategy": "none",
+                                                     "train.max_steps": 2}))
+    assert "training one sample per row" in p.stdout and "mamba-ssm" in p.stdout
+    assert "self-check: granitemoehybrid" in p.stdout
+    rows = metrics(tmp_path / "run")
+    assert all(m["router_aux_loss"] > 0 and np.isfinite(m["loss"]) for m in rows)

@@ -108,7 +108,7 @@ if d.rank == 0:  # the same model unsharded, on both ranks' batches: its gradien
     ref = model_setup.load_model(cfg, d.device)
     result["ref_losses"] = []
     for r in (0, 1):
-        ref_loss = ref(**batch_of(r))[0]
+        ref_loss = ref(**batch_of(r))["loss"]
         (ref_loss / 2).backward()
         result["ref_losses"].append(ref_loss.item())
     result["ref_norm"] = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
