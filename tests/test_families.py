@@ -62,14 +62,15 @@ def config(name: str, **extra):
     return AutoConfig.for_model(model_type, **SHAPE | fields | extra)
 
 
-def models(name: str, **extra) -> tuple[model_setup.PackedCausalLM, torch.nn.Module]:
-    """The same random weights twice: ours (packed attention) and the family's own (eager attention)."""
+def models(name: str, device: torch.device = torch.device("cpu"), **extra) -> tuple[model_setup.PackedCausalLM,
+                                                                                   torch.nn.Module]:
+    """The same random weights twice: ours (packed attention, on `device`) and the family's own (eager attention)."""
     AttentionInterface.register("packed", model_setup.packed_attention)  # as load_model does
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config(name, **extra), attn_implementation="eager", dtype=torch.float32)
     ours = AutoModelForCausalLM.from_config(config(name, **extra), attn_implementation="packed", dtype=torch.float32)
     ours.load_state_dict(ref.state_dict())
-    return model_setup.PackedCausalLM(ours), ref
+    return model_setup.PackedCausalLM(ours.to(device), device=device), ref
 
 
 def samples(n: int = len(LENGTHS)) -> list[tuple[np.ndarray, np.ndarray]]:

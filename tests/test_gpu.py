@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import model_setup
+import sampler
 from conftest import QS_MODEL, ROOT, metrics, run_args, torchrun, write_jsonl
+from test_families import FAMILIES, models, samples
 from test_model import CONFIGS, assert_packed_equals_per_sample, random_batch
 
 pytestmark = pytest.mark.gpu
@@ -18,6 +20,16 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cuda_packed_attention_equals_per_sample(name):
     assert_packed_equals_per_sample(name, torch.device("cuda"), atol=2e-3, rtol=2e-3)  # TF32/flash accumulation
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_passes_the_self_check_in_bf16_on_cuda(name):
+    """The varlen kernels (sinks: the per-sample path) and, where mamba-ssm / causal-conv1d / fla are installed,
+    packed hybrids with seq_idx: each family's packed row within the bf16 tolerance of its own forward."""
+    ours = models(name, torch.device("cuda"))[0].to(torch.bfloat16)
+    batch = sampler.collate(samples(), torch.device("cuda"))
+    del batch["loss_seg"]
+    assert model_setup.self_check(ours, batch) <= model_setup.SELF_CHECK_TOLERANCE["bfloat16"]
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -32,7 +44,8 @@ def test_varlen_kernel_runs_and_equals_per_sample_attention(window):
     assert model_setup._varlen_cuda(q.float(), k.float(), v.float(), cu, max(lengths), 0.125, window, None) is None
     out = model_setup._varlen_cuda(q, k, v, cu, max(lengths), 0.125, window, None)
     assert out is not None, "bf16 packed rows would fall back to per-sample SDPA on this GPU"
-    ref = model_setup._sdpa_per_sample(q.float(), k.float(), v.float(), cu.tolist(), 0.125, 0.0, window, None)
+    ref = model_setup._sdpa_per_sample(q.float(), k.float(), v.float(), cu.tolist(), 0.125, 0.0, window, None,
+                                       None)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
 
 
