@@ -352,8 +352,8 @@ SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 @torch.no_grad()
 def self_check(model: nn.Module, batch: dict) -> float:
-    """The packed row `batch` (sampler.collate) through `model` as it trains (sharded, with adapters, compiled)
-    against the family's own forward of each of its samples alone: the largest difference of a token's loss,
+    """The packed row `batch` (sampler.collate) through `model` as it trains (sharded, with adapters, in its compute
+    dtype) against the family's own forward of each of its samples alone: the largest difference of a token's loss,
     relative to their mean. The caller compares it with SELF_CHECK_TOLERANCE. Every rank must call it alike."""
     inner = getattr(model, "module", model)  # DeepSpeed's engine holds ours as .module
     loss_fn = inner.loss_fn
@@ -361,8 +361,11 @@ def self_check(model: nn.Module, batch: dict) -> float:
         inner.loss_fn = compute_loss
     was_training = model.training
     model.eval()  # dropout off in both
-    ours = model(**batch)["token_losses"].float()
-    theirs = model(**batch, family_forward=True)["token_losses"].float()
+    # compiled blocks run eagerly here: eval mode and eager attention would each compile graphs of their own (10 s
+    # apiece on a CPU) that training never uses; tests keep compiled blocks equal to eager ones
+    with torch.compiler.set_stance("force_eager"):
+        ours = model(**batch)["token_losses"].float()
+        theirs = model(**batch, family_forward=True)["token_losses"].float()
     model.train(was_training)
     inner.loss_fn = loss_fn
     return ((ours - theirs).abs().max() / theirs.abs().mean().clamp_min(1e-12)).item()  # host sync, meant: once
