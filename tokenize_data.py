@@ -1,6 +1,7 @@
 """Data sources -> memory-mapped token cache. Only what the model generates at inference is trained: each
 assistant turn's content and the end-of-turn token(s) the chat template writes after it; everything else gets
-label -100.
+label -100. Data written for InstructLab's training library and mini_trainer reads as they read it (`unmask: true`,
+their pretraining roles, pre-tokenized input_ids/labels, documents): README, "Coming from InstructLab".
 
     python tokenize_data.py --config configs/quickstart.yaml [--preview N]
 
@@ -16,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import numpy as np
 
 import config
 
-CACHE_VERSION = 4  # bump when the tokenization logic changes, so old caches are not reused
+CACHE_VERSION = 5  # bump when the tokenization logic changes, so old caches are not reused
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
                   "assistant": "assistant"}
@@ -38,7 +40,8 @@ class Source:
     path: str = ""  # a .jsonl/.json/.parquet file, a directory of them, a save_to_disk directory, or a hub id
     weight: Annotated[float, config.gt(0)] = 1.0  # samples per epoch as a multiple of the source's size: 2.0 =
     #   each twice, 0.5 = a seeded half (another half each epoch); a fractional part is sampled by seed too
-    format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text", "document",
+                    "tokens"] = "auto"
 
 
 @config.section("data")
@@ -46,8 +49,8 @@ class Source:
 class DataConfig:
     train_files: list[str | Source] = field(default_factory=list)  # sources: a path, or {path, weight, format}
     eval_files: list[str | Source] = field(default_factory=list)  # sources of the eval loss (train.eval_every_steps)
-    max_seq_len: Annotated[int, config.ge(1)] = 4096  # longest sample kept, in tokens; longer ones are dropped
-    #   and counted
+    max_seq_len: Annotated[int, config.ge(2)] = 4096  # longest sample kept, in tokens; longer ones are dropped
+    #   and counted, except documents (text, document, input_ids without labels), which are split into blocks
     on_bad_sample: Literal["error", "skip"] = "error"  # error: stop at the first, naming its place; skip: count
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
     num_proc: Annotated[int, config.ge(1)] = 1  # tokenizer processes; they split the records of each source
@@ -91,6 +94,31 @@ def from_messages(record: dict) -> list[dict]:
     return _need(record, "messages", list)
 
 
+# InstructLab's data generator wrote chats as one "pretraining" message until early 2025; its training library
+# parses them back into turns (data_process.py, extract_messages_from_pretraining_text, instructlab/training
+# fa5b53b): a role tag, a newline, the content up to the next "<", the end-of-text token removed
+_PRETRAINING = {True: re.compile(r"<\|(user|assistant)\|>\n([^<]+)"),
+                False: re.compile(r"<\|start_of_role\|>(user|assistant)<\|end_of_role\|>\n([^<]+)")}
+
+
+def _from_pretraining(messages: list) -> list[dict]:
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") != "pretraining":
+            out.append(m)
+            continue
+        text = m.get("content")
+        if not isinstance(text, str):
+            raise BadSample("wrong_type", 'a "pretraining" message\'s content must be a string')
+        legacy = "<|user|>" in text or "<|assistant|>" in text
+        turns = [{"role": role, "content": content.replace("<|endoftext|>", "").replace("<|end_of_text|>", "")}
+                 for role, content in _PRETRAINING[legacy].findall(text)]
+        if not turns:
+            raise BadSample("wrong_type", 'a "pretraining" message holds no <|user|> or <|assistant|> turn')
+        out += turns
+    return out
+
+
 def from_conversations(record: dict) -> list[dict]:  # ShareGPT
     turns = _need(record, "conversations", list)
     if not all(isinstance(t, dict) for t in turns):
@@ -117,24 +145,32 @@ def from_prompt_completion(record: dict) -> list[dict]:
 
 
 FORMATS = {"messages": from_messages, "conversations": from_conversations, "alpaca": from_alpaca,
-           "prompt_completion": from_prompt_completion, "text": None}  # text: no template, every token trained
+           "prompt_completion": from_prompt_completion,
+           "text": None, "document": None,  # no template, every token trained, long ones split into blocks
+           "tokens": None}  # pre-tokenized input_ids (+ labels), used exactly as given
+# the record keys each format reads; any other key of a record is reported as unused
+USED_KEYS = {"messages": {"messages", "tools", "unmask"}, "conversations": {"conversations", "tools"},
+             "alpaca": {"instruction", "input", "output"}, "prompt_completion": {"prompt", "completion", "tools"},
+             "text": {"text"}, "document": {"document"}, "tokens": {"input_ids", "labels", "len",
+                                                                     "num_loss_counted_tokens"}}
 
 
 def detect_format(record) -> str:
     keys = record.keys() if isinstance(record, dict) else ()
-    for fmt, need in (("messages", {"messages"}), ("conversations", {"conversations"}),
+    for fmt, need in (("tokens", {"input_ids"}), ("messages", {"messages"}), ("conversations", {"conversations"}),
                       ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}),
-                      ("text", {"text"})):
+                      ("document", {"document"}), ("text", {"text"})):
         if need <= keys:
             return fmt
-    raise BadSample("unknown_format", f"cannot tell the format from the keys {sorted(keys)}: expected messages, "
-                                      "conversations, instruction/output, prompt/completion or text; or set format:")
+    raise BadSample("unknown_format", f"cannot tell the format from the keys {sorted(keys)}: expected input_ids, "
+                                      "messages, conversations, instruction/output, prompt/completion, document or "
+                                      "text; or set format:")
 
 
 def _content(m: dict, j: int) -> str:
     c = m.get("content")
-    if c is None and m.get("tool_calls"):
-        return ""
+    if c is None and any(m.get(k) for k in ("tool_calls", "reasoning_content", "thinking", "reasoning")):
+        return ""  # a turn of tool calls or of reasoning alone
     if isinstance(c, list):  # OpenAI content parts; text parts are joined by newlines
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
             raise BadSample("wrong_type", f"messages[{j}].content: only parts of type text are supported")
@@ -262,14 +298,36 @@ def _check_nothing_lost(messages, last: int, text: str, answers: dict[int, str])
                                                           "reasoning in the answer; it would be lost")
 
 
-def conversation_pieces(messages: list[dict], tokenizer, tools=None) -> list[list[tuple[str, bool]]]:
+def _unmasked(context: str, messages: list[dict]) -> list[tuple[str, bool]]:
+    """`context` as pieces in which each message's content is trained: InstructLab's `unmask: true` for user and
+    tool turns, which trains the tokens between the markers it wraps each content in, not the role headers or
+    end-of-turn tokens around it (data_process.py, unmask_messages, instructlab/training fa5b53b)."""
+    pieces, at = [], 0
+    for m in messages:
+        content = m["content"].strip()
+        k = context.find(content, at)
+        if not content:
+            continue
+        if k < 0:
+            raise BadSample("template_drops_message", f"a {m['role']} message is not in the rendered text as "
+                                                      "written, so unmask: true cannot train it")
+        pieces += [(context[at:k], False), (content, True)]
+        at = k + len(content)
+    return pieces + [(context[at:], False)]
+
+
+def conversation_pieces(messages: list[dict], tokenizer, tools=None, unmask: bool = False
+                        ) -> list[list[tuple[str, bool]]]:
     """The masking rule: each trained assistant turn is trained once, on its inference view (`_turn`). One
     sample holds the last trained turn's view and, in place, every earlier turn whose view is a prefix of it;
     a turn the template renders differently once later turns follow (stripped reasoning, a moved system text,
     another end token) starts a sample of its own. Returns samples as [(text, trained)] pieces; messages after
-    the last trained turn train nothing and are left out."""
-    views = [(i, *_turn(tokenizer, messages, i, tools)) for i, m in enumerate(messages)
-             if m["role"] == "assistant" and m.get("train", True)]
+    the last trained turn train nothing and are left out. `unmask`: the content of every user and tool message
+    is trained too, once, in the sample of the first trained turn after it."""
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
+    own = {i: [messages[j] for j in range(before + 1, i) if messages[j]["role"] in ("user", "tool")]
+           for before, i in zip([-1] + trained, trained)} if unmask else {}
+    views = [(i, *_turn(tokenizer, messages, i, tools)) for i in trained]
     samples = []
     while views:
         chosen = [views.pop()]
@@ -281,27 +339,90 @@ def conversation_pieces(messages: list[dict], tokenizer, tools=None) -> list[lis
         chosen.reverse()
         _check_nothing_lost(messages, chosen[-1][0], text, {i: answer for i, _, answer in chosen})
         pieces, done = [], 0
-        for _, prompt, answer in chosen:
+        for i, prompt, answer in chosen:
             if not answer:
                 raise BadSample("template_error", "the chat template renders an empty assistant turn")
-            pieces += [(prompt[done:], False), (answer, True)]
+            pieces += _unmasked(prompt[done:], own[i]) if unmask else [(prompt[done:], False)]
+            pieces.append((answer, True))
             done = len(prompt) + len(answer)
         samples.append([(t, trained) for t, trained in pieces if t])
     return samples[::-1]
+
+
+def _document(text: str, tokenizer, bos: bool) -> list[list[tuple[str, bool]]]:
+    """A document, every token trained: its text and EOS, after a BOS where `bos`."""
+    if not text.strip():
+        raise BadSample("empty_conversation", "the document is empty")
+    return [[(tokenizer.bos_token, True)] * bos + [(text, True), (tokenizer.eos_token, True)]]
 
 
 def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
     if not isinstance(record, dict):
         raise BadSample("wrong_type", f"expected a JSON object, got {type(record).__name__}")
     if fmt == "text":
-        text = _need(record, "text", str)
-        if not text.strip():
-            raise BadSample("empty_conversation", '"text" is empty')
-        return [[(text, True), (tokenizer.eos_token, True)]]
+        return _document(_need(record, "text", str), tokenizer, False)
+    if fmt == "document":  # InstructLab's continual pretraining: encoded with the special tokens (a BOS where the
+        #   tokenizer adds one), EOS appended (data_process.py, process_documents_for_pretraining)
+        return _document(_need(record, "document", str), tokenizer, _adds_bos(tokenizer))
     tools = record.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadSample("wrong_type", '"tools" must be a list of tool definitions')
-    return conversation_pieces(normalize(FORMATS[fmt](record)), tokenizer, tools)
+    messages = FORMATS[fmt](record)
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if "pretrain" in roles:  # mini_trainer's: the one message's content and EOS, all trained (process_data.py)
+        if len(messages) != 1 or not isinstance(messages[0].get("content"), str):
+            raise BadSample("wrong_type", 'a "pretrain" message must be the only one, with a string content')
+        return _document(messages[0]["content"], tokenizer, False)
+    # InstructLab trains every role but system of a record with a truthy `unmask` (unmask_sample), and of every
+    # record that had a "pretraining" message (ensure_dataset_is_compatible_with_legacy_format)
+    unmask = bool(record.get("unmask")) or "pretraining" in roles
+    return conversation_pieces(normalize(_from_pretraining(messages)), tokenizer, tools, unmask)
+
+
+_BOS: dict[int, bool] = {}  # id(tokenizer) -> whether encoding with special tokens starts with its BOS
+
+
+def _adds_bos(tokenizer) -> bool:
+    if id(tokenizer) not in _BOS:
+        ids = tokenizer("x")["input_ids"]
+        _BOS[id(tokenizer)] = tokenizer.bos_token is not None and ids[:1] == [tokenizer.bos_token_id]
+    return _BOS[id(tokenizer)]
+
+
+def _pretokenized(record, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(input_ids, loss_mask, is a document) of a pre-tokenized record, exactly as given: labels aligned with
+    input_ids (-100: not trained, else the input id), as InstructLab's and mini_trainer's processed data hold them;
+    without labels, a document whose every token is trained."""
+    if not isinstance(record, dict):
+        raise BadSample("wrong_type", f"expected a JSON object, got {type(record).__name__}")
+    ids = np.asarray(_need(record, "input_ids", list))
+    if ids.ndim != 1 or not len(ids) or ids.dtype.kind not in "iu":
+        raise BadSample("wrong_type", '"input_ids" must be a non-empty list of integers')
+    outside = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if len(outside):
+        i = int(outside[0])
+        raise BadSample("outside_vocabulary", f"input_ids[{i}] = {ids[i]} is outside the tokenizer's vocabulary "
+                                              f"(0-{vocab - 1}); was it tokenized for another model?")
+    if record.get("len") is not None and record["len"] != len(ids):
+        raise BadSample("wrong_length", f'"len" is {record["len"]} but input_ids holds {len(ids)} tokens')
+    if record.get("labels") is None:
+        return ids, np.ones(len(ids), np.uint8), True
+    labels = np.asarray(_need(record, "labels", list))
+    if labels.shape != ids.shape or labels.dtype.kind not in "iu":
+        raise BadSample("wrong_labels", f'"labels" must be {len(ids)} integers, one per input id')
+    trained = labels != -100
+    wrong = np.flatnonzero(trained & (labels != ids))
+    if len(wrong):
+        i, shifted = int(wrong[0]), trained[:-1] & (labels[:-1] == ids[1:])
+        hint = ("the file holds next-token labels (labels[i] = input_ids[i + 1]); write them aligned, labels[i] = "
+                "input_ids[i]" if shifted.sum() >= trained[:-1].sum() else "each label must be -100 or its input id")
+        raise BadSample("wrong_labels", f"labels[{i}] = {labels[i]} is neither -100 nor input_ids[{i}] = {ids[i]}: "
+                                        + hint)
+    counted = record.get("num_loss_counted_tokens")
+    if counted is not None and counted != trained.sum():
+        raise BadSample("wrong_length", f'"num_loss_counted_tokens" is {counted} but the labels train '
+                                        f"{trained.sum()} tokens")
+    return ids, trained.astype(np.uint8), False
 
 
 def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -418,35 +539,75 @@ def _parse(raw, line_based: bool):
         raise BadSample("invalid_json", f"not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based: bool, eot: int):
+def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based: bool, eot: int, max_len: int):
     """datasets.map function: records -> an Arrow table of output rows (one per sample; one per bad record, with
-    no tokens and its reason), built from flat arrays for the whole batch."""
+    no tokens and its reason; the record keys the format does not read), built from flat arrays for the whole
+    batch. Documents longer than `max_len` become blocks (`_blocks`)."""
     import pyarrow as pa
 
     keys = list(batch)
-    rows, reasons, messages, samples = [], [], [], []
+    rows, reasons, messages, samples, unused, tokens = [], [], [], [], [], []
     for n, values in zip(indices, zip(*batch.values())):
         raw = values[0] if line_based else dict(zip(keys, values))
         if line_based and not raw.strip():
             continue  # a blank line is no sample
+        reason = message = keys_unused = ""
         try:
-            pieces = _pieces(_parse(raw, line_based), tokenizer, fmt)
+            record = _parse(raw, line_based)
+            if fmt == "tokens":
+                tokens.append(_pretokenized(record, len(tokenizer)))
+                pieces = [[]]
+            else:
+                pieces = _pieces(record, tokenizer, fmt)
         except BadSample as e:
             pieces, reason, message = [[]], e.reason, str(e)
-        else:
-            reason = message = ""
+            tokens += [(np.zeros(0, np.int64), np.zeros(0, np.uint8), False)] * (fmt == "tokens")
+        else:  # Arrow rows hold every column, None where a record has no such key
+            keys_unused = ",".join(sorted(k for k, v in record.items() if v is not None and k not in USED_KEYS[fmt]))
+        unused += [keys_unused] * len(pieces)
         rows += [n] * len(pieces)
         reasons += [reason] * len(pieces)
         messages += [message] * len(pieces)
         samples += pieces
-    ids, mask, offsets = _encode(samples, tokenizer)
+    if fmt == "tokens":
+        lengths = [len(t[0]) for t in tokens]
+        ids = np.concatenate([t[0] for t in tokens] or [np.zeros(0)]).astype(np.int32)
+        mask = np.concatenate([t[1] for t in tokens] or [np.zeros(0)]).astype(np.uint8)
+        offsets, documents = np.concatenate([[0], np.cumsum(lengths)]), [t[2] for t in tokens]
+    else:
+        ids, mask, offsets = _encode(samples, tokenizer)
+        documents = [all(trained for _, trained in s) for s in samples]
+    ids, mask, offsets, rows, reasons, messages, unused = _blocks(ids, mask, offsets, documents, max_len, rows,
+                                                                  reasons, messages, unused)
     offsets = offsets.astype(np.int32)
     eots = np.concatenate([[0], np.cumsum((ids == eot) & mask.view(bool))])
     return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
                      "loss_mask": pa.ListArray.from_arrays(offsets, mask),
                      "row": pa.array(rows, pa.int64()), "reason": pa.array(reasons, pa.string()),
                      "message": pa.array(messages, pa.string()),
-                     "trains_eot": pa.array(eots[offsets[1:]] > eots[offsets[:-1]])})
+                     "trains_eot": pa.array(eots[offsets[1:]] > eots[offsets[:-1]]),
+                     "unused": pa.array(unused, pa.string())})
+
+
+def _blocks(ids, mask, offsets, documents, max_len, *per_sample):
+    """Documents (samples whose every token is trained) longer than `max_len` tokens -> blocks of at most `max_len` tokens, each a sample (it attends only
+    within itself) and overlapping the one before by a token, which is its context only: every token of the
+    document is a target exactly once. InstructLab instead cuts the concatenation of all documents into blocks
+    that cross document boundaries (sampler.py, PretrainingBlockDataset). `per_sample` lists follow the blocks."""
+    lengths = np.diff(offsets)
+    if not any(d and n > max_len for d, n in zip(documents, lengths)):
+        return (ids, mask, offsets, *per_sample)
+    spans, owner = [], []
+    for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        split = documents[i] and b - a > max_len
+        starts = range(a, b - 1, max_len - 1) if split else [a]
+        spans += [(s, min(s + max_len, b)) for s in starts] if split else [(a, b)]
+        owner += [i] * len(starts)
+    index = np.concatenate([np.arange(s, e) for s, e in spans])
+    context = np.concatenate([[s > offsets[i]] + [False] * (e - s - 1) for (s, e), i in zip(spans, owner)])
+    new_offsets = np.concatenate([[0], np.cumsum([e - s for s, e in spans])])
+    return (ids[index], np.where(context, 0, mask[index]).astype(np.uint8), new_offsets,
+            *([values[i] for i in owner] for values in per_sample))
 
 
 def _detect(ds, line_based: bool) -> str:
@@ -539,13 +700,15 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
             raise DataError(f"{src.path}: {e}") from None
         m = ds.map(_map_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
                    num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
-                   fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "line_based": line_based, "eot": eot},
+                   fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "line_based": line_based, "eot": eot,
+                              "max_len": cfg.max_seq_len},
                    cache_file_name=str(tmp / "hf" / f"mapped-{s}.arrow"), new_fingerprint=f"{out.name}-{s}",
                    features=datasets.Features({
                        "input_ids": datasets.List(datasets.Value("int32")),
                        "loss_mask": datasets.List(datasets.Value("uint8")),
                        "row": datasets.Value("int64"), "reason": datasets.Value("string"),
-                       "message": datasets.Value("string"), "trains_eot": datasets.Value("bool")}))
+                       "message": datasets.Value("string"), "trains_eot": datasets.Value("bool"),
+                       "unused": datasets.Value("string")}))
         table = m.data.table
         reasons = table["reason"].to_numpy(zero_copy_only=False)
         lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
@@ -563,6 +726,8 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
                              "records": int(len(np.unique(table["row"].to_numpy()))), "skipped": skipped,
                              "longer_than_max_seq_len": int(too_long.sum()),
                              "samples": int(((reasons == "") & ~too_long).sum()),
+                             "unused_keys": sorted({k for u in pc.unique(table["unused"]).to_pylist() if u
+                                                    for k in u.split(",")}),
                              "trains_eot": int(pc.sum(table["trains_eot"]).as_py() or 0)})
     meta = _meta(meta_sources, *_write(tmp, mapped, cfg), key, eot_text)
     shutil.rmtree(tmp / "hf", ignore_errors=True)
@@ -617,7 +782,8 @@ def _npy_file(path: Path, dtype, n: int):
 
 
 def _meta(sources: list[dict], lengths: np.ndarray, trained: int, key: str, eot_text: str) -> dict:
-    if not sum(s["trains_eot"] for s in sources):
+    chats = [s for s in sources if s["format"] not in ("text", "document", "tokens")]  # documents have no turns
+    if chats and not sum(s["trains_eot"] for s in chats):
         raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model would never "
                         "learn to stop; check the chat template (it must write an end-of-turn token after each "
                         "assistant message)")
@@ -663,7 +829,8 @@ def summary(cache: TokenCache) -> str:
         lines.append(f"  {s['name']} ({s['format']}): {s['records']:,} records -> "
                      f"{s['samples']:,} samples; skipped {skipped}"
                      + (f" ({', '.join(f'{k}: {v}' for k, v in s['skipped'].items())})" if skipped else "")
-                     + f"; longer than max_seq_len {s['longer_than_max_seq_len']}")
+                     + f"; longer than max_seq_len {s['longer_than_max_seq_len']}"
+                     + (f"; unused keys: {', '.join(s['unused_keys'])}" if s["unused_keys"] else ""))
     return "\n".join(lines + [f"cache: {cache.path}"])
 
 

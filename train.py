@@ -387,7 +387,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
 
     WHERE["phase"] = "export"
     per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, n_sources)  # after the weights
-    by_source = {s["name"]: {k: s[k] for k in ("samples", "skipped", "longer_than_max_seq_len")} | {"per_epoch": int(n)}
+    kept = ("samples", "skipped", "longer_than_max_seq_len", "unused_keys")
+    by_source = {s["name"]: {k: s[k] for k in kept} | {"per_epoch": int(n)}
                  for s, n in zip(cache.meta["sources"], per_epoch)}
     from_hub = tokenize_data.is_hub_id(cfg.model.path) and not cfg.model.random_init
     card = logging_utils.model_card(config.to_dict(cfg), by_source, log.state_dict(), from_hub)

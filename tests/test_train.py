@@ -145,7 +145,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 8192}
 FAMILIES = {"meta-llama/Llama-3.1": ("llama3_1", dict(model_type="llama", tie_word_embeddings=False,
                                                       rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072)),
-            "Qwen/Qwen3": ("qwen3", dict(model_type="qwen3", max_position_embeddings=40960))}
+            "Qwen/Qwen3": ("qwen3", dict(model_type="qwen3", max_position_embeddings=40960)),
+            "ibm-granite/granite-3": ("granite3", dict(model_type="granite", logits_scaling=16.0))}
 RECIPES = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "quickstart.yaml")
 
 
