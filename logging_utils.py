@@ -139,6 +139,43 @@ def _open_at(path: Path, done: int):
     return open(path, "a")
 
 
+class StepLosses:
+    """The token losses of one step summed per sample (a sample occurs twice in a step where its source's weight is
+    over 1): what the sampler observes, sample_losses.jsonl and loss_by_source are made of."""
+
+    def __init__(self, samples: np.ndarray, counts: np.ndarray, weights: np.ndarray, device: torch.device):
+        """The step's samples, with the targets and total target weight of each (sampler.step_targets)."""
+        self.samples, self.counts = samples, counts
+        self.uniq, slot = np.unique(samples, return_inverse=True)
+        self.tokens = np.bincount(slot, counts, len(self.uniq))  # per unique sample
+        self.weights = np.bincount(slot, weights, len(self.uniq))
+        self.sums = torch.zeros(len(self.uniq), device=device)  # its token losses summed, on this rank
+
+    def add(self, micro_batch: list[int], segment: torch.Tensor, token_losses: torch.Tensor | None):
+        """A micro-batch's (S,) token losses; `segment`: the position in `micro_batch` of each target's sample."""
+        if token_losses is not None and micro_batch:
+            where = torch.as_tensor(np.searchsorted(self.uniq, micro_batch), device=self.sums.device)
+            self.sums.index_add_(0, where[segment], token_losses)
+
+    def means(self, sums: np.ndarray) -> np.ndarray:
+        """Each unique sample's mean token loss, from its `sums` over all ranks."""
+        return sums / np.maximum(self.weights, 1e-30)
+
+    def by_source(self, sums: np.ndarray, source: np.ndarray, names: list[str]) -> dict:
+        """loss_by_source (token-weighted) and loss_tokens_by_source; `source`: each cache sample's."""
+        weight = np.bincount(source[self.uniq], self.weights, len(names))
+        loss = np.bincount(source[self.uniq], sums, len(names))
+        tokens = np.bincount(source[self.samples], self.counts, len(names))
+        present = [(name, s) for s, name in enumerate(names) if weight[s]]
+        return {"loss_by_source": {name: loss[s] / weight[s] for name, s in present},
+                "loss_tokens_by_source": {name: int(tokens[s]) for name, s in present}}
+
+    def rows(self, means: np.ndarray, source: np.ndarray, names: list[str]) -> list[dict]:
+        """sample_losses.jsonl's lines of the step: index, source, mean loss, tokens."""
+        return [{"sample": int(i), "source": names[source[i]], "loss": float(x), "tokens": int(n)}
+                for i, x, n in zip(self.uniq, means, self.tokens)]
+
+
 class MetricsLogger:
     """Every rank keeps the counters; only rank 0 writes (metrics.jsonl, console, tqdm, TensorBoard, W&B,
     summary.json, metrics.png). `resume` is a `state_dict()` saved in a checkpoint: counters continue from it,
@@ -209,7 +246,9 @@ class MetricsLogger:
 
     def log(self, m: dict):
         """`m`: step, epoch, loss, lr, grad_norm, samples, tokens, loss_tokens, micro_steps, packing_efficiency,
-        rank_imbalance, flops, step_time_s, data_wait_s, finite, and eval_loss after an evaluation."""
+        rank_imbalance, flops, step_time_s, data_wait_s, finite; eval_loss after an evaluation; loss_by_source
+        and loss_tokens_by_source with several sources; noise_scale; each extra loss term by name. Any other key
+        reaches metrics.jsonl as it is; the numbers among them (and loss_by_source) also TensorBoard and W&B."""
         t, tot = m["step_time_s"], self.totals
         for k in ("samples", "tokens", "loss_tokens", "micro_steps", "flops"):
             tot[k] += m[k]

@@ -2,8 +2,8 @@
 
 - `packed_attention`, registered with transformers' attention interface as "packed", so any HF causal LM attends
   only within each sample of a packed row (no dense T x T mask), attention sinks included;
-- the loss over supervised positions only: `compute_loss`, plain (the one a fork edits), and
-  `compute_loss_chunked`, the same fused and chunked so the (tokens, vocab) logits are never held at once;
+- the loss over supervised positions only: `token_loss`, the one definition a fork edits, run by `compute_loss`
+  (plain) and `compute_loss_chunked` (fused and chunked: the (tokens, vocab) logits are never held at once);
 - what a family's own forward adds to its loss (logit modifiers, the MoE router's auxiliary loss), and one sample
   per row for families whose layers carry a state along the row;
 - `self_check`: a packed row against the family's own forward, before the first step.
@@ -114,56 +114,59 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return _sdpa_per_sample(query, key, value, cu.tolist(), scaling, dropout, sliding_window, softcap, s_aux), None
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The loss, plainly: logits (S, V) of the supervised positions in fp32, the family's modifiers applied,
+    targets (S,), per-token weights (S,) or None -> the (S,) weighted token losses. The one definition that every
+    loss path runs (compute_loss, and compute_loss_chunked chunk by chunk, which takes its gradient from autograd):
+    edit it for another loss (label smoothing, a z-loss, focal weights) and every run trains that."""
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    return losses if weight is None else losses * weight
+
+
+def _modified(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """The family's output-logit modifiers (_logit_modifiers) on raw (S, V) fp32 logits."""
+    logits = logits * scale
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def compute_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss, plainly: hidden (T, H) after the final norm, weight (V, H) of the output layer, and the batch's
-    loss_idx (S,) positions that have a target, targets (S,) and loss_weight (S,) or None (sampler.targets)
-    -> (sum of the weighted token losses, the (S,) weighted token losses without gradient). `scale` and
-    `softcap` are the logit modifiers of some families (Granite, Gemma-2). This is the one to edit for another
-    loss (model.loss: plain); `compute_loss_chunked` is the same function, fused and chunked."""
-    logits = (hidden.index_select(0, batch["loss_idx"]) @ weight.t()).float() * scale  # (S, V)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    losses = F.cross_entropy(logits, batch["targets"], reduction="none")
-    if batch.get("loss_weight") is not None:
-        losses = losses * batch["loss_weight"]
+    """hidden (T, H) after the final norm, weight (V, H) of the output layer, and the batch's loss_idx (S,)
+    positions that have a target, targets (S,) and loss_weight (S,) or None (sampler.targets) -> (sum of the
+    weighted token losses, the (S,) token losses without gradient). All (S, V) logits at once (model.loss: plain);
+    `compute_loss_chunked` computes the same in chunks."""
+    logits = (hidden.index_select(0, batch["loss_idx"]) @ weight.t()).float()  # (S, V)
+    losses = token_loss(_modified(logits, scale, softcap), batch["targets"], batch.get("loss_weight"))
     return losses.sum(), losses.detach()
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i w_i CE(h_i @ W^T, y_i), chunk by chunk. The gradients are computed in forward, where each chunk's
-    logits exist anyway, and kept for backward: no (chunk, V) logits outlive their chunk, and the output layer's
-    matmul is not recomputed (3 matmuls per chunk instead of 4 with activation checkpointing)."""
+class _ChunkedHead(torch.autograd.Function):
+    """sum(token_loss(logits)) with logits = h @ W^T, chunk by chunk. Each chunk's logits are made, their gradient
+    taken by autograd through `token_loss`, and dropped: no (S, V) logits are ever held, and the output layer's
+    matmul is not recomputed in backward (3 matmuls per chunk instead of 4 with activation checkpointing). The
+    gradients of h and W are kept for backward."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, token_weight, scale: float, softcap: float | None, chunk: int):
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
         token_losses = torch.empty(len(targets), dtype=torch.float32, device=h.device)  # (S,), for logging
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         for a in range(0, len(targets), chunk):
-            hc, y = h[a:a + chunk], targets[a:a + chunk]
-            logits = (hc @ weight.t()).float() * scale  # (c, V), fp32 for a stable log-softmax
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            lse = logits.logsumexp(-1)
-            losses = lse - logits.gather(1, y[:, None]).squeeze(1)
+            hc = h[a:a + chunk]
+            logits = (hc @ weight.t()).float().requires_grad_(need_grad)  # (c, V): a leaf, not h's or W's
             w = None if token_weight is None else token_weight[a:a + chunk]
-            token_losses[a:a + chunk] = losses if w is None else losses * w
-            loss += token_losses[a:a + chunk].sum()
+            with torch.enable_grad():  # forward runs without autograd; this part needs it
+                losses = token_loss(_modified(logits, scale, softcap), targets[a:a + chunk], w)
+                if need_grad:
+                    (g,) = torch.autograd.grad(losses.sum(), logits)  # (c, V) d loss / d logits
+            token_losses[a:a + chunk] = losses.detach()
             if need_grad:
-                g = (logits - lse[:, None]).exp_()  # softmax; d loss / d logits = softmax - onehot(y)
-                g[torch.arange(len(y), device=g.device), y] -= 1
-                if softcap is not None:
-                    g *= 1 - capped**2
-                g *= scale if w is None else scale * w[:, None]
                 grad_h[a:a + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
                 grad_w.addmm_(g.t(), hc.float())
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
         ctx.mark_non_differentiable(token_losses)
-        return loss, token_losses
+        return token_losses.sum(), token_losses
 
     @staticmethod
     def backward(ctx, grad_loss, _):
@@ -173,19 +176,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def compute_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
                          softcap: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """`compute_loss`, fused (model.loss: chunked, the default): logits exist for one chunk of `chunk` supervised
-    positions at a time, with their gradients computed in forward; tests keep the two equal."""
+    """`compute_loss` (model.loss: chunked, the default), with logits for `chunk` supervised positions at a
+    time, their gradients taken in forward; tests keep the two equal."""
     h = hidden.index_select(0, batch["loss_idx"])  # (S, H)
     if not torch.is_grad_enabled():  # evaluation: tell the function that no gradient is needed
         h, weight = h.detach(), weight.detach()
-    return _LinearCrossEntropy.apply(h, weight, batch["targets"], batch.get("loss_weight"), scale, softcap, chunk)
+    return _ChunkedHead.apply(h, weight, batch["targets"], batch.get("loss_weight"), scale, softcap, chunk)
 
 
 def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
                        softcap: float | None = None) -> tuple[torch.Tensor, None]:
     """The same contract with Liger's fused linear cross-entropy (CUDA, Triton): the logits are computed and
-    consumed block by block inside one kernel, and never stored for backward. It returns no token losses, so
-    there is no loss_by_source and no per-sample loss with it."""
+    consumed block by block inside one kernel, and never stored for backward. Its loss is its own cross-entropy,
+    not `token_loss`, and it returns no token losses (no loss_by_source, no per-sample loss with it)."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
@@ -338,9 +341,8 @@ class PackedCausalLM(nn.Module):
             logits = self.lm(input_ids=rows, attention_mask=real.long(), use_cache=False).logits[real]  # (T, V)
         finally:
             self.lm.set_attn_implementation(implementation)
-        token_losses = F.cross_entropy(logits[batch["loss_idx"]].float(), batch["targets"], reduction="none")
-        if batch.get("loss_weight") is not None:
-            token_losses = token_losses * batch["loss_weight"]
+        # the family's logits (its own head and modifiers) through our token_loss: a fork's loss is not a bug
+        token_losses = token_loss(logits[batch["loss_idx"]].float(), batch["targets"], batch.get("loss_weight"))
         return {"loss": token_losses.sum(), "token_losses": token_losses, "terms": {}}
 
 

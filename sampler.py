@@ -47,7 +47,8 @@ def _balance(lengths: np.ndarray, bins: int, cap: int) -> list[list[int]] | None
 
 class MultipackPlan:
     """The step plan of one run: `plan(epoch, step)` -> [rank][micro-step] lists of sample indices into the token
-    cache. The position in the run is the step number alone."""
+    cache. It owns the schedule: the loop asks it for the run's length (`total_steps`) and where a step falls
+    (`position`), tells it each step's per-sample losses (`observe`), and checkpoints its `state_dict`."""
 
     def __init__(self, lengths: np.ndarray, cfg: SamplerConfig, world_size: int, seed: int,
                  sources: np.ndarray | None = None, weights: list[float] | None = None):
@@ -65,6 +66,21 @@ class MultipackPlan:
         if not self.samples_per_epoch:
             raise ValueError("the source weights leave no sample in an epoch; raise a weight above 0")
         self.steps_per_epoch = math.ceil(self.samples_per_epoch / cfg.batch_size)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps of `epoch`: the same for every epoch here; a sampler may vary it."""
+        return self.steps_per_epoch
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of the run's step `step` (0-based)."""
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step
 
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """The samples of one epoch, unshuffled. A source of weight w and n samples gives round(w * n): each of its
@@ -94,9 +110,18 @@ class MultipackPlan:
             m += 1
         return [[[int(idx[i]) for i in bins[b]] for b in range(r, R * m, R)] for r in range(R)]
 
-    def observe(self, samples: np.ndarray, losses: np.ndarray):
-        """The mean loss of each sample of the step just trained (`samples` unique), on every rank alike. This
-        plan does not use them; a loss-driven sampler keeps them (forks/loss_prioritized_sampler.patch)."""
+    def observe(self, epoch: int, samples: np.ndarray, losses: np.ndarray) -> dict:
+        """The mean loss of each sample of the step of `epoch` just trained (`samples` unique), on every rank alike;
+        returns metrics of the sampler to log with the step. This plan uses none; a loss-driven sampler keeps them
+        in the state it checkpoints (forks/loss_prioritized_sampler.patch)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What the plan learned during the run (JSON types), saved with every checkpoint: none here."""
+        return {}
+
+    def load_state_dict(self, state: dict):
+        """Restores `state_dict()` on resume, before the loop asks for the schedule."""
 
 
 def targets(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:

@@ -241,13 +241,13 @@ def _train(cfg: config.Config, d: sharding.Dist):
         plan = sampler.MultipackPlan(cache.lengths, cfg.sampler, d.world_size, tc.seed, cache.source, weights)
     except ValueError as e:  # a sample longer than the micro-batch cap
         sys.exit(f"error: {e}")
-    n_sources = len(cache.source_names)
-    total_steps = tc.max_steps or tc.epochs * plan.steps_per_epoch
-    cap = cfg.sampler.max_tokens_per_rank
-    print0(f"{plan.samples_per_epoch} samples / {cfg.sampler.batch_size} per step = {plan.steps_per_epoch} steps "
-           f"per epoch; {total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
-
     resume = _resume_point(out, cfg, cache, d)
+    if resume:
+        plan.load_state_dict(resume[1].get("sampler", {}))
+    total_steps = tc.max_steps or plan.total_steps(tc.epochs)
+    cap = cfg.sampler.max_tokens_per_rank
+    print0(f"{plan.samples_per_epoch} samples / {cfg.sampler.batch_size} per step = {plan.steps_in_epoch(0)} steps "
+           f"in the first epoch; {total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
     # seeded just before the model is built, so nothing the data stage does on rank 0 alone can leave the ranks'
     # random init (weights, LoRA adapters) in different RNG states
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
@@ -291,102 +291,84 @@ def _train(cfg: config.Config, d: sharding.Dist):
 
     for step in range(state["step"], total_steps):
         t0 = time.perf_counter()
-        epoch, k = divmod(step, plan.steps_per_epoch)
+        epoch, k = plan.position(step)
         lr = lr_at(step, total_steps, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_plan, samples = plan.plan(epoch, k), plan.step_samples(epoch, k)
         # what the whole step trains (all ranks), by the definition collate uses: the normalizer n_step
-        uniq, slot = np.unique(samples, return_inverse=True)  # a sample may occur twice (source weight > 1)
         counts, sample_weight, n_step = sampler.step_targets([cache[i] for i in samples])
-        sample_counts = np.bincount(slot, counts, len(uniq))  # per unique sample
-        sample_weight = np.bincount(slot, sample_weight, len(uniq))
-        loss_sum, n_trained, data_wait_s = torch.zeros((), device=d.device), 0, 0.0
-        term_sums = {}  # extra loss terms (model_setup.PackedCausalLM) by name, summed over micro-batches
-        sample_sums = torch.zeros(len(uniq), device=d.device)  # token losses summed per sample
-        noise_parts = torch.zeros(3, device=d.device)
-        micro_batches = step_plan[d.rank]
+        per_sample = logging_utils.StepLosses(samples, counts, sample_weight, d.device)
+        sums = {"loss_sum": torch.zeros((), device=d.device), "n_trained": 0.0, "noise_parts": torch.zeros(3)}
+        terms = {}  # the model's extra loss terms (model_setup.PackedCausalLM), summed by name
+        data_wait_s, micro_batches = 0.0, step_plan[d.rank]
         WHERE.update(step=step + 1, phase="forward/backward")
         for j, mb in enumerate(micro_batches):
             t_data = time.perf_counter()
             batch = sampler.collate([cache[i] for i in mb], d.device)
             segment = batch.pop("loss_seg")  # (S,) the sample of each target, within the micro-batch
-            n_trained += len(batch["targets"])
             data_wait_s += time.perf_counter() - t_data
             result = model(**batch)
-            micro_loss, token_losses = result["loss"], result["token_losses"]
-            for name, term in result["terms"].items():
-                term_sums[name] = term_sums.get(name, 0.0) + term
-            if token_losses is not None and mb:
-                sample_sums.index_add_(0, torch.as_tensor(np.searchsorted(uniq, mb), device=d.device)[segment],
-                                       token_losses)
             # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
             # of sum(token losses of the step, all ranks) / n_step
-            sharding.backward(model, micro_loss * (d.world_size / (n_step or 1)), j == len(micro_batches) - 1)
+            sharding.backward(model, result["loss"] * (d.world_size / (n_step or 1)), j == len(micro_batches) - 1)
             if noise and j == 0:  # the gradient of the first micro-batch: the small batch of the noise scale
-                noise_parts = noise.parts(sharding.grad_sq_norm(model), len(batch["targets"]), n_step)
-            loss_sum += micro_loss.detach() - sum(result["terms"].values())
+                sums["noise_parts"] = noise.parts(sharding.grad_sq_norm(model), len(batch["targets"]), n_step)
+            per_sample.add(mb, segment, result["token_losses"])
+            sums["n_trained"] += len(batch["targets"])
+            sums["loss_sum"] += result["loss"].detach() - sum(result["terms"].values())
+            for name, term in result["terms"].items():
+                terms[name] = terms.get(name, 0.0) + term
         WHERE["phase"] = "reduce"
         sharding.reduce_gradients(model, cfg.sharding, d)
-        # one collective for the step's loss, whether any rank was asked to stop, the targets trained, the
-        # per-sample sums, the noise scale's parts and the extra loss terms; global, so all ranks decide alike
-        reduced = sharding.all_reduce_sum(term_sums | {
-            "loss_sum": loss_sum, "stop": torch.tensor(float(bool(caught))), "n_trained": torch.tensor(n_trained),
-            "noise_parts": noise_parts, "sample_sums": sample_sums}, d)
-        loss_sum, stop, n_trained = reduced["loss_sum"], reduced["stop"], reduced["n_trained"]
-        noise_parts, sample_sums = reduced["noise_parts"], reduced["sample_sums"]
-        if n_trained != counts.sum():  # the ranks' micro-batches must hold exactly the step's samples
-            raise RuntimeError(f"step {step + 1}: the micro-batches trained {n_trained:.0f} targets, the plan's step "
-                               f"has {counts.sum()}: the step plan lost or repeated samples")
-        loss = loss_sum / (n_step or 1)
+        # one collective for everything the step sums over ranks; global, so all ranks decide alike
+        reduced = sharding.all_reduce_sum(sums | terms | {"stop": float(bool(caught)), "sample_sums": per_sample.sums},
+                                          d)
+        if reduced["n_trained"] != counts.sum():  # the ranks' micro-batches must hold exactly the step's samples
+            raise RuntimeError(f"step {step + 1}: the micro-batches trained {reduced['n_trained']:.0f} targets, the "
+                               f"plan's step has {counts.sum()}: the step plan lost or repeated samples")
+        loss = reduced["loss_sum"] / (n_step or 1)
         WHERE["phase"] = "step"
         grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        step_time_s = time.perf_counter() - t0
 
-        last_step, every = step + 1 == total_steps, cfg.checkpoint.save_every_steps
-        m = {"step": step + 1, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+        m = {"step": step + 1, "epoch": round(epoch + k / plan.steps_in_epoch(epoch), 4), "loss": loss, "lr": lr,
              "grad_norm": grad_norm, "samples": len(samples), "loss_tokens": int(counts.sum()), "finite": finite,
-             "flops": step_flops(cache.lengths[samples]), "step_time_s": step_time_s, "data_wait_s": data_wait_s}
+             "flops": step_flops(cache.lengths[samples]), "step_time_s": time.perf_counter() - t0,
+             "data_wait_s": data_wait_s}
+        m |= {name: reduced[name] / (n_step or 1) for name in terms}
         if cfg.model.loss != "liger":  # per-sample (and per-source) token-weighted losses
-            sample_losses = sample_sums / np.maximum(sample_weight, 1e-30)
-            plan.observe(uniq, sample_losses)
-            if n_sources > 1:
-                source_weight = np.bincount(cache.source[uniq], sample_weight, n_sources)
-                source_sums = np.bincount(cache.source[uniq], sample_sums, n_sources)
-                source_counts = np.bincount(cache.source[samples], counts, n_sources)
-                present = [(name, s) for s, name in enumerate(cache.source_names) if source_weight[s]]
-                m["loss_by_source"] = {name: source_sums[s] / source_weight[s] for name, s in present}
-                m["loss_tokens_by_source"] = {name: int(source_counts[s]) for name, s in present}
+            means = per_sample.means(reduced["sample_sums"])
+            m |= plan.observe(epoch, per_sample.uniq, means)
+            if len(cache.source_names) > 1:
+                m |= per_sample.by_source(reduced["sample_sums"], cache.source, cache.source_names)
             if cfg.logging.sample_losses:
-                log.samples(step + 1, [{"sample": int(i), "source": cache.source_names[cache.source[i]],
-                                        "loss": float(x), "tokens": int(n)}
-                                       for i, x, n in zip(uniq, sample_losses, sample_counts)])
+                log.samples(step + 1, per_sample.rows(means, cache.source, cache.source_names))
         if noise:
-            m["noise_scale"] = noise.update(noise_parts, grad_norm, n_step)
-        m |= {name: float(reduced[name]) / (n_step or 1) for name in term_sums}
+            m["noise_scale"] = noise.update(reduced["noise_parts"], grad_norm, n_step)
+        last_step, every = step + 1 == total_steps, cfg.checkpoint.save_every_steps
         if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
             WHERE["phase"] = "eval"
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, n_eval, d)
         log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))
         if not finite:
             print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
-        if last_step or stop or (every and (step + 1) % every == 0):
+        if last_step or reduced["stop"] or (every and (step + 1) % every == 0):
             trainer_state = {"step": step + 1, "metrics": log.state_dict(), "data": cache.path.name,
-                             "world_size": d.world_size}
+                             "world_size": d.world_size, "sampler": plan.state_dict()}
             WHERE["phase"] = "save"
             try:
                 path = checkpoint.save(out, step + 1, model, optimizer, trainer_state, config.dump(cfg),
                                        cfg.checkpoint, d.rank)
             except checkpoint.SaveError as e:
                 sys.exit(f"error: {e}")
-        if stop and not last_step:
+        if reduced["stop"] and not last_step:
             print0(f"stopped at step {step + 1} of {total_steps} ({caught.get('signal', 'another rank was signalled')})"
                    f"; saved {path}; run the same command again to resume", rank=d.rank)
             sys.exit(PREEMPTED_EXIT_CODE)
 
     WHERE["phase"] = "export"
-    per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, n_sources)  # after the weights
+    per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, len(cache.source_names))  # after weights
     kept = ("samples", "skipped", "longer_than_max_seq_len", "unused_keys")
     by_source = {s["name"]: {k: s[k] for k in kept} | {"per_epoch": int(n)}
                  for s, n in zip(cache.meta["sources"], per_epoch)}

@@ -1,6 +1,7 @@
 """What docs/forks.md claims of each fork. tests/test_forks.py runs this file in a copy of the repository with
 every patch of forks/ applied (each patch changes one stage file, so they apply together)."""
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -36,18 +37,28 @@ def quickstart_batch(n: int = 32) -> dict:
 
 
 def test_loss_prioritized_sampler_draws_high_loss_samples_more_often():
-    """Half the samples have 4x the loss of the other half: they are drawn about 4x as often, and every rank
-    (each with its own plan, fed the same losses) draws the same steps."""
+    """Half the samples have 4x the loss of the other half: they are drawn about 4x as often (sampler.priority 1),
+    every rank (each with its own plan, fed the same losses) draws the same steps, a plan restored from another's
+    state_dict draws them too, and observe reports the samples not trained yet; priority 0 draws uniformly."""
     cfg = sampler.SamplerConfig(batch_size=20, max_tokens_per_rank=1000)
     ranks = [sampler.MultipackPlan(np.full(200, 10), cfg, 2, seed=0) for _ in range(2)]
     visits = np.zeros(200)
     for p in ranks:
-        p.observe(np.arange(200), np.where(np.arange(200) < 100, 2.0, 0.5))
+        assert p.observe(0, np.arange(150), np.where(np.arange(150) < 100, 2.0, 0.5)) == {"samples_unseen": 50}
+        p.observe(0, np.arange(150, 200), np.full(50, 0.5))
+    restored = sampler.MultipackPlan(np.full(200, 10), cfg, 2, seed=0)
+    restored.load_state_dict(json.loads(json.dumps(ranks[0].state_dict())))
     for step in range(100):
-        epoch, k = divmod(step, ranks[0].steps_per_epoch)
-        assert ranks[0].plan(epoch, k) == ranks[1].plan(epoch, k)
+        epoch, k = ranks[0].position(step)
+        assert ranks[0].plan(epoch, k) == ranks[1].plan(epoch, k) == restored.plan(epoch, k)
         np.add.at(visits, ranks[0].step_samples(epoch, k), 1)
     assert visits[:100].sum() / visits[100:].sum() > 3
+    uniform = sampler.MultipackPlan(np.full(200, 10), sampler.SamplerConfig(batch_size=20, priority=0.0), 2, seed=0)
+    uniform.load_state_dict(ranks[0].state_dict())
+    visits = np.zeros(200)
+    for step in range(100):
+        np.add.at(visits, uniform.step_samples(*uniform.position(step)), 1)
+    assert 0.8 < visits[:100].sum() / visits[100:].sum() < 1.25
 
 
 def test_sign_compressed_gradients_send_int8_signs_and_one_scale(monkeypatch):

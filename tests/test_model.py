@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 import model_setup
@@ -169,3 +170,34 @@ def test_compiled_blocks_give_the_eager_losses_and_stop_compiling():
     # compiled while the first lengths were seen, then reused: two per block's code (before and after the
     # attention) and its backward
     assert 0 < graphs[2] == graphs[-1] <= 4, graphs
+
+
+def test_an_edit_to_token_loss_changes_the_default_run(tmp_path, small_data, monkeypatch):
+    """The fused default (model.loss: chunked) takes its gradient from autograd through `token_loss`: an edit to
+    that one function changes the default run (weights of 2: the first step's loss doubles), and with another edit
+    (label smoothing, a scale and a soft-cap) the fused path still equals the plain one, values and gradients."""
+    from conftest import in_process, metrics, run_args
+
+    runs = {}
+    shipped = model_setup.token_loss
+    for name in ("as shipped", "edited"):
+        if name == "edited":
+            monkeypatch.setattr(model_setup, "token_loss", lambda logits, targets, w: 2 * shipped(logits, targets, w))
+        in_process(run_args(tmp_path / name, small_data, **{"sharding.strategy": "none", "train.max_steps": 1}))
+        runs[name] = metrics(tmp_path / name / "run")[0]["loss"]
+    assert runs["edited"] == pytest.approx(2 * runs["as shipped"], rel=1e-6)
+
+    def smoothed(logits, targets, weight):
+        losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=0.1)
+        return losses if weight is None else losses * weight
+
+    monkeypatch.setattr(model_setup, "token_loss", smoothed)
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = (torch.randn(n, 16, generator=g, requires_grad=True) for n in (50, 40))
+    batch = {"loss_idx": torch.arange(0, 50, 3), "targets": torch.randint(0, 40, (17,), generator=g)}
+    plain, _ = model_setup.compute_loss(hidden, weight, batch, 0.5, 3.0)
+    fused, _ = model_setup.compute_loss_chunked(hidden, weight, batch, 0.5, 3.0, chunk=4)
+    logits = torch.tanh((hidden[batch["loss_idx"]] @ weight.t()) * 0.5 / 3.0) * 3.0
+    torch.testing.assert_close(fused, smoothed(logits, batch["targets"], None).sum(), atol=1e-5, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(fused, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

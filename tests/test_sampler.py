@@ -1,11 +1,15 @@
 """Properties of the global step plan and of the packed rows."""
 
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
+import sampler
+from conftest import ROOT, in_process, metrics, run_args, write_jsonl
 from sampler import MultipackPlan, SamplerConfig, collate, plan_stats, step_targets, targets
 
 
@@ -112,3 +116,63 @@ def test_plan_statistics_command(small_data, tmp_path, capsys, monkeypatch):
     assert stats["steps"] == 4  # 192 samples / 48
     assert stats["micro_steps_mean"] >= stats["micro_steps_lower_bound_mean"] >= 1
     assert 0 < stats["packing_efficiency"] <= 1 and stats["rank_imbalance_max"] >= 1
+
+
+class ObservingPlan(sampler.MultipackPlan):
+    """A sampler whose epochs differ in length and depend on what it observed: epoch e > 0 trains the samples of
+    epoch e - 1 whose loss was above that epoch's median, the worst quarter twice. What it observed is its state."""
+
+    stop_in_step = 0  # > 0: signal this process (SIGUSR1) while observing that step, as a preemption would
+
+    def __init__(self, *args, **kwargs):
+        self.seen, self.steps = {}, 0  # {epoch: {sample: loss}} (str keys: JSON)
+        super().__init__(*args, **kwargs)
+
+    def epoch_samples(self, epoch: int) -> np.ndarray:
+        if epoch == 0:
+            return super().epoch_samples(0)
+        seen = self.seen[str(epoch - 1)]
+        order = sorted(seen, key=lambda i: (-seen[i], int(i)))  # highest loss first
+        above = [int(i) for i in order[:len(order) // 2]]
+        return np.array(above + above[:len(above) // 2])
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return -(-len(self.epoch_samples(epoch)) // self.cfg.batch_size)
+
+    def step_samples(self, epoch: int, step: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.epoch_samples(epoch))
+        return order[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
+
+    def observe(self, epoch, samples, losses):
+        self.seen.setdefault(str(epoch), {}).update({str(i): float(x) for i, x in zip(samples, losses)})
+        self.steps += 1
+        if self.steps == ObservingPlan.stop_in_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict):
+        self.seen = state["seen"]
+
+
+def test_a_sampler_with_epochs_of_different_lengths_resumes_bit_identically(tmp_path, monkeypatch):
+    """9 steps over epochs of 4, 3 and 2 steps, each epoch's samples chosen from the losses of the one before.
+    Interrupted in step 5 (it saves after step 6, inside epoch 1) and resumed, the run's losses are bit-identical
+    to an uninterrupted one: the plan's state came back with the checkpoint."""
+    lines = (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:64]
+    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    monkeypatch.setattr(sampler, "MultipackPlan", ObservingPlan)
+    over = {"sharding.strategy": "none", "train.max_steps": 9, "sampler.batch_size": 16, "train.lr_schedule": "cosine"}
+    in_process(run_args(tmp_path / "straight", data, **over))
+    straight = metrics(tmp_path / "straight/run")
+    assert [m["epoch"] for m in straight] == pytest.approx([0, 0.25, 0.5, 0.75, 1, 4 / 3, 5 / 3, 2, 2.5], abs=1e-4)
+    monkeypatch.setattr(ObservingPlan, "stop_in_step", 5)
+    with pytest.raises(AssertionError, match="exited with 75"):
+        in_process(run_args(tmp_path / "resumed", data, **over))
+    assert [m["step"] for m in metrics(tmp_path / "resumed/run")] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(ObservingPlan, "stop_in_step", 0)
+    p = in_process(run_args(tmp_path / "resumed", data, **over))
+    assert "resuming from" in p.stdout
+    assert [m["loss"] for m in metrics(tmp_path / "resumed/run")] == [m["loss"] for m in straight]
