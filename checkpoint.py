@@ -1,16 +1,18 @@
 """Checkpoints: resumable state during the run, and the final export in Hugging Face format.
 
-Resumable state goes to `<output_dir>/checkpoints/step-N/`: model and optimizer (torch.distributed.checkpoint:
-each rank writes its own shards, and any world size or sharding can read them back; DeepSpeed's own format under
-DeepSpeed), each rank's RNG states, the trainer state (step, counters) and the resolved config.
-Every save is written to `step-N.tmp` and renamed when complete; `checkpoints/latest` (a one-line file) is
-updated only after that, and old checkpoints are removed last, so a crash at any moment leaves the previous
-checkpoint usable. The file system must be shared by all ranks (every rank writes into the same directory).
+Resumable state goes to `<output_dir>/checkpoints/step-N/`: model and optimizer
+(torch.distributed.checkpoint: each rank writes its own shards, and any world size or sharding can
+read them back; DeepSpeed's own format under DeepSpeed), each rank's RNG states, the trainer state
+(step, counters) and the resolved config. Every save is written to `step-N.tmp` and renamed when
+complete; `checkpoints/latest` (a one-line file) is updated only after that, and old checkpoints are
+removed last, so a crash at any moment leaves the previous checkpoint usable. The file system must
+be shared by all ranks (every rank writes into the same directory).
 
-`export_hf` gathers the full weights (every rank takes part; only rank 0 holds and writes them) and writes
-safetensors (sharded with an index above `max_shard_size`), the model and generation config, and the tokenizer
-with its chat template, again through a temporary directory, to `<output_dir>/hf`. With LoRA, `hf/` is the PEFT
-adapter and `hf/merged/` the model with the adapters merged into its 16-bit base weights.
+`export_hf` gathers the full weights (every rank takes part; only rank 0 holds and writes them) and
+writes safetensors (sharded with an index above `max_shard_size`), the model and generation config,
+and the tokenizer with its chat template, again through a temporary directory, to `<output_dir>/hf`.
+With LoRA, `hf/` is the PEFT adapter and `hf/merged/` the model with the adapters merged into its
+16-bit base weights.
 """
 
 import json
@@ -52,7 +54,8 @@ class ResumeError(ValueError):
 
 
 def _rng_state() -> dict:
-    """Every RNG state as tensors and numbers only, so it loads with torch.load(weights_only=True)."""
+    """Every RNG state as tensors and numbers only, so it loads with torch.load(weights_only=True).
+    """
     version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": (version, torch.tensor(mt), gauss), "numpy": torch.from_numpy(keys.astype(np.int64)),
@@ -73,7 +76,8 @@ def _set_rng_state(state: dict):
 
 
 def _replace_dir(tmp: Path, final: Path):
-    """Renames `tmp` to `final`; an existing `final` is moved aside first and deleted only afterwards."""
+    """Renames `tmp` to `final`; an existing `final` is moved aside first and deleted only
+    afterwards."""
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -89,7 +93,8 @@ def _write_latest(root: Path, name: str):
 
 
 def _rotate(root: Path, keep_last: int):
-    """Deletes complete checkpoints older than the newest `keep_last`, never the one `latest` names."""
+    """Deletes complete checkpoints older than the newest `keep_last`, never the one `latest` names.
+    """
     latest = (root / "latest").read_text().strip()
     done = sorted((p for p in root.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
     for p in done[:-keep_last] if keep_last > 0 else []:
@@ -98,9 +103,9 @@ def _rotate(root: Path, keep_last: int):
 
 
 def catch_preemption() -> dict:
-    """From now on SIGTERM (what torchrun forwards when a scheduler stops the job) and SIGUSR1 (SLURM's
-    `--signal=USR1@120`) only set the returned dict's "signal"; the loop finishes its step, agrees with the
-    other ranks, saves and exits."""
+    """From now on SIGTERM (what torchrun forwards when a scheduler stops the job) and SIGUSR1
+    (SLURM's `--signal=USR1@120`) only set the returned dict's "signal"; the loop finishes its step,
+    agrees with the other ranks, saves and exits."""
     caught = {}
 
     def handler(signum, frame):
@@ -133,8 +138,8 @@ def _all_ok(ok: bool) -> bool:
 
 
 def verify(path: Path) -> str | None:
-    """None when every file the checkpoint's manifest lists is there with its size and checksum; else what is
-    wrong, naming the file."""
+    """None when every file the checkpoint's manifest lists is there with its size and checksum;
+    else what is wrong, naming the file."""
     manifest = path / "manifest.json"
     try:
         files = json.loads(manifest.read_text())
@@ -153,10 +158,10 @@ def verify(path: Path) -> str | None:
 
 def save(output_dir: Path, step: int, model: nn.Module, optimizer, state: dict, config_text: str,
          cfg: CheckpointConfig, rank: int) -> Path:
-    """Every rank calls it. `state` (JSON) is the trainer's: step, counters. The manifest (size
-    and CRC32 of every file) is written last, before the rename. If any rank cannot write (disk full, permission),
-    the partial directory is removed, `latest` keeps naming the previous checkpoint and SaveError is raised on
-    every rank."""
+    """Every rank calls it. `state` (JSON) is the trainer's: step, counters. The manifest (size and
+    CRC32 of every file) is written last, before the rename. If any rank cannot write (disk full,
+    permission), the partial directory is removed, `latest` keeps naming the previous checkpoint and
+    SaveError is raised on every rank."""
     t0 = time.perf_counter()
     root = Path(output_dir) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
@@ -203,10 +208,11 @@ def _state(path: Path) -> dict:
 
 
 def find(output_dir: Path, cfg: CheckpointConfig) -> tuple[Path, dict] | None:
-    """The checkpoint that `checkpoint.resume` asks for and its trainer state (with the saved config under
-    "config"), or None to start afresh; rank 0 alone calls it. Each candidate is verified against its manifest:
-    with `auto`, a damaged newest checkpoint is renamed to step-N.damaged (kept, never deleted) and the newest
-    intact one before it is taken. Reads no tensors into memory."""
+    """The checkpoint that `checkpoint.resume` asks for and its trainer state (with the saved config
+    under "config"), or None to start afresh; rank 0 alone calls it. Each candidate is verified
+    against its manifest: with `auto`, a damaged newest checkpoint is renamed to step-N.damaged
+    (kept, never deleted) and the newest intact one before it is taken. Reads no tensors into
+    memory."""
     if cfg.resume == "never":
         return None
     if cfg.resume != "auto":
@@ -237,9 +243,30 @@ def find(output_dir: Path, cfg: CheckpointConfig) -> tuple[Path, dict] | None:
                       "checkpoint.resume: never to start afresh, or to the path of a checkpoint from elsewhere")
 
 
+# A resumed run must go on training the same model on the same data in the same order; anything else
+# may change (and is printed). The data is compared through the token cache's fingerprint; DeepSpeed
+# checkpoints are its own format (fsdp2 and none read each other's).
+MUST_MATCH = ("model.path", "model.random_init", "model.load_in_4bit", "sharding.lora_rank",
+              "sharding.lora_target_modules", "sampler.batch_size", "train.seed", "data.train_files")
+
+
+def compare(state: dict, run: dict, data: str) -> tuple[list[str], dict]:
+    """(what stops this run from resuming from the checkpoint of trainer `state`, every setting that
+    changed since it was saved as {key: (then, now)}); `run`: the run's config as a dict, `data`:
+    the name of its token cache."""
+    then, now = ({f"{s}.{k}": v for s, kv in c.items() for k, v in kv.items()} for c in (state["config"], run))
+    changed = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    bad = [f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()
+           if k in MUST_MATCH or (k == "sharding.strategy" and "deepspeed" in (a, b))]
+    if state["data"] != data:
+        bad.append(f"data: the token cache differs ({state['data']} in the checkpoint, {data} now): "
+                   "other data.train_files (paths or content), data.max_seq_len or tokenizer")
+    return bad, changed
+
+
 def load(path: Path, model: nn.Module, optimizer, rank: int):
-    """Every rank calls it; restores model, optimizer and this rank's RNG states in place (a rank the saved run
-    did not have keeps its seeded RNG)."""
+    """Every rank calls it; restores model, optimizer and this rank's RNG states in place (a rank
+    the saved run did not have keeps its seeded RNG)."""
     sharding.load_state(model, optimizer, path)
     if (path / f"rng-rank{rank}.pt").exists():
         try:  # weights_only: tensors and numbers, never pickled code, even from a checkpoint made elsewhere
@@ -250,9 +277,10 @@ def load(path: Path, model: nn.Module, optimizer, rank: int):
 
 
 def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size: str):
-    """The adapters merged into the 16-bit base weights, as a plain HF model, on rank 0's CPU. A 4-bit base is
-    read again from its directory in 16 bits (merging into dequantized NF4 weights would bake the quantization
-    error into the model); otherwise the gathered state dict is assigned to a meta-built copy (no third copy)."""
+    """The adapters merged into the 16-bit base weights, as a plain HF model, on rank 0's CPU. A
+    4-bit base is read again from its directory in 16 bits (merging into dequantized NF4 weights
+    would bake the quantization error into the model); otherwise the gathered state dict is assigned
+    to a meta-built copy (no third copy)."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -264,7 +292,8 @@ def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size:
     else:
         with torch.device("meta"):
             copy = get_peft_model(AutoModelForCausalLM.from_config(base.config, dtype=base.dtype), config)
-        # merging writes into the base weights: on a CPU run the gathered tensors can be the live model's own
+        # merging writes into the base weights: on a CPU run the gathered tensors can be the live
+        # model's own
         live = {p.data_ptr() for p in peft_model.parameters()}
         copy.load_state_dict({k: v.clone() if v.data_ptr() in live else v for k, v in state.items()}, strict=False,
                              assign=True)
@@ -274,8 +303,8 @@ def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size:
 
 def export_hf(model: nn.Module, tokenizer, output_dir: Path, rank: int, card: str = "",
               max_shard_size: str = "5GB") -> Path:
-    """`model` is model_setup.PackedCausalLM (possibly sharded); `card` the model card (README.md). Returns the
-    export directory."""
+    """`model` is model_setup.PackedCausalLM (possibly sharded); `card` the model card (README.md).
+    Returns the export directory."""
     state = sharding.full_state_dict(model)
     first = {}  # tied weights (input/output embeddings) are one parameter under two names: save it once
     for name, p in model.lm.named_parameters(remove_duplicate=False):

@@ -1,10 +1,7 @@
-"""The one strict YAML loader and the typed `Config`. A run's config is one YAML file of sections; each section
-is a dataclass that its stage module declares and registers with `@config.section("name")` (`model` and `train`,
-which the command-line modes of several stages read, are declared here). Unknown keys (with the nearest valid
-name), wrong types and values out of range are all reported at once, with the YAML line; `--section.key=value`
-overrides go through the same checks. A command checks only the sections it uses: the data stage's command
-line imports no model code.
-"""
+"""The strict YAML loader and the typed `Config`: YAML sections, each a dataclass its stage module
+registers with `@config.section("name")` (`model`, `train` are here). Unknown keys (with the nearest
+name), wrong types and ranges, in the file or `--section.key=value`, are reported at once with their
+YAML line. A command checks only its sections: data prep imports no model code."""
 
 import dataclasses
 import difflib
@@ -17,18 +14,18 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 
-if TYPE_CHECKING:  # for the type hints of `Config` only; each stage module imports this one, not the reverse
+if TYPE_CHECKING:  # Config's type hints only; each stage module imports this one, not the reverse
     from checkpoint import CheckpointConfig
     from logging_utils import LogConfig
     from sampler import SamplerConfig
     from sharding import ShardingConfig
     from tokenize_data import DataConfig
 
-SECTIONS: dict[str, type] = {}  # section name -> its dataclass, filled as the stage modules are imported
+SECTIONS: dict[str, type] = {}  # section name -> dataclass, filled as stage modules are imported
 
 
 def section(name: str):
-    """Class decorator: registers a dataclass as the section `name` (a stage module declares its own)."""
+    """Class decorator: registers a dataclass as section `name` (each stage module has its own)."""
     def register(cls):
         SECTIONS[name] = cls
         return cls
@@ -47,49 +44,43 @@ def gt(low):  # a number > low
 @dataclass
 class ModelConfig:
     path: str = ""  # HF model directory (config, tokenizer, weights) or hub id
-    random_init: bool = False  # true: build the architecture from `path`'s config with random weights
+    random_init: bool = False  # true: build the architecture from `path`'s config, random weights
     dtype: Literal["float32", "bfloat16"] = "bfloat16"  # dtype of the weights as loaded
-    # "packed": ours (per-sample attention on packed rows); the others are transformers' own, for comparison
+    # "packed": ours (per-sample attention on packed rows); others: transformers' own, to compare
     attn_implementation: Literal["packed", "sdpa", "eager", "flash_attention_2"] = "packed"
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    compile: bool = False  # regional torch.compile of each decoder block, shapes dynamic (packed rows of any length
-    #   reuse the graphs); the packed attention runs eagerly between the compiled pieces
-    checkpoint_every: Annotated[int, ge(1)] = 1  # with gradient_checkpointing: only every k-th decoder block
-    #   (blocks 0, k, 2k, ...) recomputes; the others keep their activations (memory between none and all)
-    loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: the fused fast path; plain: the readable
-    #   cross-entropy a fork edits (same values); liger: Liger's fused linear cross-entropy (CUDA, liger extra)
-    liger_kernels: bool = False  # Liger's Triton RMSNorm, SwiGLU and RoPE in the decoder (CUDA, liger extra; the
-    #   families Liger covers); its fused loss is model.loss: liger
-    load_in_4bit: bool = False  # QLoRA: NF4 base weights with double quantization, computing in `dtype`
-    #   (bitsandbytes extra); needs real weights (random_init: false) and LoRA (sharding.lora_rank > 0)
-    self_check: bool = True  # before the first step, compare a packed row of the run's samples with the family's
-    #   own forward of each sample alone, and stop if they differ (README, Model families); false skips it
+    gradient_checkpointing: bool = False  # recompute in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile per decoder block, dynamic shapes; packed attention eager
+    checkpoint_every: Annotated[int, ge(1)] = 1  # gradient checkpointing of blocks 0, k, 2k, ...
+    loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: fused, fast; plain: readable,
+    #   forks edit it (same values); liger: Liger's fused linear cross-entropy (CUDA, liger extra)
+    liger_kernels: bool = False  # Liger's Triton RMSNorm, SwiGLU and RoPE (CUDA, liger extra)
+    load_in_4bit: bool = False  # QLoRA: NF4, double-quant (bitsandbytes); needs LoRA, real weights
+    self_check: bool = True  # stop before step 1 if packed and per-sample forwards differ (README)
 
 
 @section("train")
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"  # everything of the run goes here (config, metrics, checkpoints, hf/)
+    output_dir: str = "runs/default"  # all of the run's files: config, metrics, checkpoints, hf/
     epochs: Annotated[int, ge(1)] = 1  # passes over data.train_files (ignored when max_steps > 0)
     max_steps: Annotated[int, ge(0)] = 0  # stop after this many optimizer steps; 0 = run the epochs
     lr: Annotated[float, gt(0)] = 2e-5  # peak learning rate
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup, down to min_lr_ratio*lr
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay to min_lr_ratio*lr
     warmup_steps: Annotated[int, ge(0)] = 0  # linear warmup from 0 over this many steps
-    min_lr_ratio: Annotated[float, ge(0, 1)] = 0.0  # final lr as a fraction of lr (cosine and linear)
-    weight_decay: Annotated[float, ge(0)] = 0.0  # AdamW decoupled weight decay, on matrices only (not norms, biases)
+    min_lr_ratio: Annotated[float, ge(0, 1)] = 0.0  # final lr as a fraction of lr (cosine, linear)
+    weight_decay: Annotated[float, ge(0)] = 0.0  # AdamW's, on matrices only (not norms or biases)
     beta2: Annotated[float, ge(0, 1)] = 0.95  # AdamW second-moment decay (beta1 = 0.9)
-    max_grad_norm: Annotated[float, ge(0)] = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    max_grad_norm: Annotated[float, ge(0)] = 1.0  # clip the global gradient norm to this; 0 = none
     seed: int = 42  # model init, data order and every other random choice
-    eval_every_steps: Annotated[int, ge(0)] = 0  # eval loss on data.eval_files every N steps; always at the end
-    heldout_file: str = ""  # chat JSONL; after export, report greedy exact match on its last messages
-    collective_timeout_s: Annotated[float, gt(0)] = 300  # a collective (or the process group's creation) that waits
-    #   longer than this on a stalled or dead rank ends the job, naming the step and phase
+    eval_every_steps: Annotated[int, ge(0)] = 0  # data.eval_files loss every N steps and at the end
+    heldout_file: str = ""  # chat JSONL; after export, greedy exact match on its last messages
+    collective_timeout_s: Annotated[float, gt(0)] = 300  # a collective (or process group creation)
+    #   waiting longer on a stalled or dead rank ends the job, naming the step and phase
 
 
 @dataclass
 class Config:
-    """A run's config, one checked dataclass per section: `cfg.train.lr`. A command builds only the sections it
-    uses; the others are None."""
+    """A run's config: a checked dataclass per section (`cfg.train.lr`), None where unused."""
     data: "DataConfig | None" = None
     model: ModelConfig | None = None
     sharding: "ShardingConfig | None" = None
@@ -100,7 +91,7 @@ class Config:
 
 
 class ConfigError(ValueError):
-    pass
+    """Raised by `load` with every problem of the config, one a line."""
 
 
 def _check(value, tp, where: str, problems: list[str]):
@@ -114,15 +105,15 @@ def _check(value, tp, where: str, problems: list[str]):
             problems.append(f"{where}: {value} is out of range; it must be {'>=' if kind == 'ge' else '>'} {low}"
                             + (f" and <= {high}" if high is not None else ""))
         return value
-    if origin in (typing.Union, types.UnionType):  # str | Source: a mapping is the dataclass, the rest the str
+    if origin in (typing.Union, types.UnionType):  # str | Source: a dict -> the dataclass, else str
         cls = next((a for a in args if dataclasses.is_dataclass(a)), None)
         return _check(value, cls if isinstance(value, dict) and cls else args[0], where, problems)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping with keys {', '.join(typing.get_type_hints(tp))}")
-            return value
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return tp(**_check_fields(value, tp, where, problems))
-    if origin is typing.Literal:
+    if dataclasses.is_dataclass(tp):
+        keys = ", ".join(typing.get_type_hints(tp))
+        problems.append(f"{where}: expected a mapping with keys {keys}")
+    elif origin is typing.Literal:
         if value in args:
             return value
         problems.append(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -145,14 +136,14 @@ def _check(value, tp, where: str, problems: list[str]):
 
 
 def _check_fields(body: dict, cls: type, prefix: str, problems: list[str], at=lambda key: key) -> dict:
-    """The checked keyword arguments of dataclass `cls` from mapping `body`; unknown keys get the nearest name."""
+    """`cls`'s checked keyword arguments from `body`; an unknown key gets the nearest name."""
     hints, kwargs = typing.get_type_hints(cls, include_extras=True), {}
     for key, value in body.items():
         if key not in hints:
             hint = difflib.get_close_matches(str(key), hints, n=1)
-            name = f"{prefix.rpartition(': ')[2]}.{hint[0]}" if hint else ""  # the key path, not the file
-            problems.append(f"{at(f'{prefix}.{key}')}: unknown key" + (f"; did you mean '{name}'?" if hint else
-                                                                      f"; valid keys: {', '.join(hints)}"))
+            path = prefix.rpartition(": ")[2]  # the key's path, without the file
+            end = f"; did you mean '{path}.{hint[0]}'?" if hint else f"; valid keys: {', '.join(hints)}"
+            problems.append(f"{at(f'{prefix}.{key}')}: unknown key{end}")
         else:
             kwargs[key] = _check(value, hints[key], at(f"{prefix}.{key}"), problems)
     return kwargs
@@ -183,9 +174,8 @@ def parse_overrides(args: list[str]) -> dict[str, dict]:
 
 
 def load(path: str, overrides: list[str] = (), sections: tuple[str, ...] | None = None) -> Config:
-    """Reads `path`, applies `overrides` and returns the Config with `sections` built (by default every registered
-    one; their modules must be imported) and the others None; raises ConfigError listing every problem. A section
-    absent from the file gets its defaults; a section of the file that is not asked for is not checked."""
+    """The Config of `path` with `overrides`: only `sections` (default: every registered one; their
+    modules must be imported) checked and built, absent ones with defaults, the others None."""
     text = Path(path).read_text()
     try:
         raw = yaml.safe_load(text) or {}
@@ -197,22 +187,20 @@ def load(path: str, overrides: list[str] = (), sections: tuple[str, ...] | None 
         raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(names)})")
     overridden = set()
     for name, values in parse_overrides(list(overrides)).items():
-        raw.setdefault(name, {})
-        if isinstance(raw[name], dict):
-            raw[name].update(values)
+        if isinstance(body := raw.setdefault(name, {}), dict):
+            body.update(values)
         overridden |= {f"{name}.{key}" for key in values} | ({name} if name not in lines else set())
     problems, out = [], {}
 
     def at(key):
-        if key in overridden:
-            return f"command line: --{key}"
-        return f"{path}:{lines[key]}: {key}" if key in lines else f"{path}: {key}"
+        line = f":{lines[key]}" if key in lines else ""
+        return f"command line: --{key}" if key in overridden else f"{path}{line}: {key}"
 
     for name, body in raw.items():
         if name not in names:
             hint = difflib.get_close_matches(str(name), names, n=1)
-            problems.append(f"{at(name)}: unknown section" + (f"; did you mean '{hint[0]}'?" if hint else
-                                                              f"; valid: {', '.join(names)}"))
+            end = f"; did you mean '{hint[0]}'?" if hint else f"; valid: {', '.join(names)}"
+            problems.append(f"{at(name)}: unknown section{end}")
         elif not isinstance(body, dict):
             problems.append(f"{at(name)}: expected a mapping of keys, got {body!r}")
     for name in sections or SECTIONS:
@@ -225,7 +213,7 @@ def load(path: str, overrides: list[str] = (), sections: tuple[str, ...] | None 
 
 
 def to_dict(cfg: Config) -> dict:
-    return {f.name: dataclasses.asdict(v) for f in dataclasses.fields(cfg) if (v := getattr(cfg, f.name))}
+    return {name: body for name, body in dataclasses.asdict(cfg).items() if body is not None}
 
 
 def dump(cfg: Config) -> str:
@@ -233,8 +221,7 @@ def dump(cfg: Config) -> str:
 
 
 def cli(argv: list[str], sections: tuple[str, ...] | None = None) -> Config:
-    """`--config FILE [--section.key=value ...]` -> Config with `sections`; a config problem exits with its
-    message, no traceback."""
+    """`--config FILE [--section.key=value ...]` -> Config; a bad config exits with its message."""
     if len(argv) < 2 or argv[0] != "--config":
         sys.exit(f"usage: {sys.argv[0]} --config FILE [--section.key=value ...]")
     try:

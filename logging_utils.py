@@ -1,6 +1,5 @@
-"""Logging and monitoring, all on rank 0: `metrics.jsonl` (one object per optimizer step), console lines, a tqdm
-progress bar, optional TensorBoard and Weights & Biases, `summary.json` and the plot `metrics.png` at the end, and
-greedy exact-match accuracy of an exported model on held-out chats.
+"""Logging on rank 0: `metrics.jsonl` (an object per optimizer step), console lines, tqdm, optional
+TensorBoard and W&B, `summary.json` and `metrics.png` at the end; exact match on held-out chats.
 
     python logging_utils.py plot <output_dir> [<output_dir> ...] [--out FILE.png]   # redraw, or overlay runs
     python logging_utils.py exact-match <hf_dir> <heldout.jsonl>
@@ -8,7 +7,6 @@ greedy exact-match accuracy of an exported model on held-out chats.
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -27,22 +25,19 @@ import config
 @config.section("logging")
 @dataclass
 class LogConfig:
-    log_every_steps: Annotated[int, config.ge(1)] = 10  # console line every N steps (metrics.jsonl gets every step)
-    tensorboard: bool = False  # also write TensorBoard events to <output_dir>/tensorboard (tensorboard extra)
-    wandb_project: str = ""  # also log to this Weights & Biases project (wandb extra); with WANDB_MODE=offline it
-    #   writes to <output_dir>/wandb without a network, for `wandb sync` later
-    peak_tflops: float = 0.0  # one device's peak dense bf16 TFLOP/s, for MFU; 0 = look the GPU up in PEAK_TFLOPS
-    #   (on CPU and unknown GPUs MFU is null; achieved TFLOP/s is always reported)
-    sample_losses: bool = False  # write each trained sample's mean loss and tokens, per step, to
-    #   <output_dir>/sample_losses.jsonl
-    noise_scale: bool = False  # log `noise_scale`, the gradient noise scale B_simple in tokens (McCandlish et al.
-    #   2018), from the first micro-step's and the step's gradient norms; no extra backward
+    log_every_steps: Annotated[int, config.ge(1)] = 10  # console every N steps; metrics.jsonl: all
+    tensorboard: bool = False  # TensorBoard events in <output_dir>/tensorboard (tensorboard extra)
+    wandb_project: str = ""  # W&B project to log to too (wandb extra); offline: WANDB_MODE=offline
+    peak_tflops: float = 0.0  # a device's dense bf16 peak TFLOP/s for MFU; 0 = look up PEAK_TFLOPS
+    sample_losses: bool = False  # per step, each sample's mean loss, tokens in sample_losses.jsonl
+    noise_scale: bool = False  # log `noise_scale`, B_simple in tokens (McCandlish et al. 2018)
 
 
-# Dense (no sparsity) bf16 tensor-core peak of one device, TFLOP/s, from the vendors' datasheets. Matched as a
-# substring of torch.cuda.get_device_name(), in this order (so "H100 PCIe" before "H100", "L40S" before "L4").
-PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-               "L4": 121.0, "MI300X": 1307.0}
+# One device's dense bf16 peak TFLOP/s (vendors' datasheets); the first key in the GPU's name wins
+PEAK_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
+               "L40S": 362.0, "L4": 121.0, "MI300X": 1307.0}
+PANELS = {"loss": "loss (nats/token)", "lr": "learning rate", "tokens_per_s": "tokens/s",
+          "grad_norm": "gradient norm"}  # metrics.png's panels: key -> title
 
 
 def print0(*args, rank: int = 0, **kwargs):
@@ -51,18 +46,14 @@ def print0(*args, rank: int = 0, **kwargs):
 
 
 def flop_counter(model: nn.Module):
-    """Returns step_flops(lengths): the model FLOPs of forward + backward over samples of these token lengths
-    (PaLM's accounting, arXiv:2204.02311 appendix B; recomputation is not counted). `model` is
-    model_setup.PackedCausalLM, before DeepSpeed wraps it. Every linear weight (the output layer included, tied
-    or not; the input embedding is a lookup) costs 2 FLOPs per token forward and 4 backward, or 2 backward when
-    frozen (LoRA's base: no weight gradient). Causal attention costs 6 * layers * heads * head_dim * L^2 for a
-    sample of L tokens (QK^T and AV over half of the L x L scores, forward and 2x backward), from each sample's
-    own length, not the packed row's."""
-    trained = frozen = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):  # also bitsandbytes' Linear4bit and peft's base_layer, lora_A, lora_B
-            n = m.in_features * m.out_features
-            trained, frozen = (trained + n, frozen) if m.weight.requires_grad else (trained, frozen + n)
+    """Returns step_flops(lengths): forward + backward model FLOPs over samples of these token
+    lengths (PaLM's accounting, arXiv:2204.02311 appendix B; no recomputation) for PackedCausalLM
+    before DeepSpeed wraps it. A linear weight (output layer too, tied or not; the embedding is a
+    lookup) costs 6 FLOPs a token, 4 if frozen (LoRA's base); causal attention, 6 * layers * heads *
+    head_dim * L^2 a sample of L tokens (QK^T, AV on half the scores; forward, 2x backward)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # Linear4bit and LoRA's too
+    trained = sum(m.in_features * m.out_features for m in linears if m.weight.requires_grad)
+    frozen = sum(m.in_features * m.out_features for m in linears if not m.weight.requires_grad)
     c = model.lm.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     attn = 6 * c.num_hidden_layers * c.num_attention_heads * head_dim
@@ -82,30 +73,27 @@ def _peak_tflops(cfg: LogConfig, device: torch.device) -> float | None:
 
 
 def _memory(device: torch.device) -> dict:
-    """CUDA: peak allocated and reserved memory of this rank; CPU: peak resident set size of this process."""
+    """Peak memory: CUDA, allocated and reserved on this rank; CPU, ru_maxrss (KiB on Linux)."""
     if device.type == "cuda":
         return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux reports KiB
+    return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 class NoiseScale:
-    """The simple gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al., 2018, "An Empirical Model of
-    Large-Batch Training", appendix A), in tokens. Two gradients of different batch sizes give unbiased estimates
-    of |G|^2 and tr(Sigma) from E|g_B|^2 = |G|^2 + tr(Sigma) / B: the step's (B = N_step tokens) and the first
-    micro-step's, which exists anyway, read before the next backward adds to it. Under `none` it is each rank's
-    own micro-batch (averaged over ranks), under FSDP2 already combined over ranks. Each estimate is averaged
-    by an exponential moving average before the ratio is taken, as the paper advises."""
+    """The gradient noise scale B_simple = tr(Sigma) / |G|^2 in tokens (McCandlish et al. 2018, "An
+    Empirical Model of Large-Batch Training", app. A), no extra backward: E|g_B|^2 = |G|^2 +
+    tr(Sigma) / B for the step (B = N_step tokens) and the first micro-step (read before the next
+    backward; `none`: each rank's, averaged; FSDP2: combined), EMA-smoothed as advised."""
 
     def __init__(self, reduced_in_backward: bool, world_size: int, beta: float = 0.95):
         self.reduced, self.world_size, self.beta = reduced_in_backward, world_size, beta
         self.g2 = self.s = self.n = 0.0
 
     def parts(self, sq: torch.Tensor, n: int, n_step: float) -> torch.Tensor:
-        """This rank's share of the small-batch statistics, summed over ranks by the step's all-reduce. `sq` is
-        the sum of squares of the gradient held after the first micro-step, which is that of its n targets' loss
-        sum times world_size / n_step."""
-        if self.reduced:  # one small batch: every rank's first micro-batch; sq sums to its squared norm
+        """This rank's small-batch statistics, for the step's all-reduce to sum. `sq`: the sum of
+        squares of the gradient after micro-step 1 (n targets' loss sum x world / n_step)."""
+        if self.reduced:  # one small batch, all first micro-batches: sq sums to its squared norm
             return torch.stack([sq * n_step**2, torch.tensor(float(n), device=sq.device), torch.ones_like(sq)])
         if not n:  # an empty micro-batch on this rank: no small batch here
             return torch.zeros(3, device=sq.device)
@@ -119,7 +107,7 @@ class NoiseScale:
             small_sq, inv_small = (a / b**2, 1 / b) if b else (0.0, 0.0)
         else:
             small_sq, inv_small = (a / ranks, b / ranks) if ranks else (0.0, 0.0)
-        if inv_small <= 1 / n_step or not math.isfinite(grad_norm):  # one micro-batch is the whole step
+        if inv_small <= 1 / n_step or not math.isfinite(grad_norm):  # one micro-batch = the step
             return None if not self.n else self.s / self.g2
         big_sq, b_small = grad_norm**2, 1 / inv_small
         g2 = (n_step * big_sq - b_small * small_sq) / (n_step - b_small)
@@ -130,39 +118,37 @@ class NoiseScale:
 
 
 def _open_at(path: Path, done: int):
-    """`path` (JSON lines with a "step") opened for appending after the lines of steps up to `done`; the later
-    ones were written by a run that died after its last checkpoint, and those steps are trained again."""
+    """`path` (JSON lines with a "step") opened to append after step `done` (later steps rerun)."""
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if json.loads(line)["step"] <= done] if done and path.exists() else []
     path.with_suffix(".tmp").write_text("".join(kept))
-    os.replace(path.with_suffix(".tmp"), path)
+    path.with_suffix(".tmp").replace(path)
     return open(path, "a")
 
 
 class StepLosses:
-    """The token losses of one step summed per sample (a sample occurs twice in a step where its source's weight is
-    over 1): what the sampler observes, sample_losses.jsonl and loss_by_source are made of."""
+    """One step's token losses summed per sample, for the sampler and the per-sample/source logs."""
 
     def __init__(self, samples: np.ndarray, counts: np.ndarray, weights: np.ndarray, device: torch.device):
-        """The step's samples, with the targets and total target weight of each (sampler.step_targets)."""
+        """The step's samples (twice if a source's weight > 1), targets, weights (step_targets)."""
         self.samples, self.counts = samples, counts
         self.uniq, slot = np.unique(samples, return_inverse=True)
         self.tokens = np.bincount(slot, counts, len(self.uniq))  # per unique sample
         self.weights = np.bincount(slot, weights, len(self.uniq))
-        self.sums = torch.zeros(len(self.uniq), device=device)  # its token losses summed, on this rank
+        self.sums = torch.zeros(len(self.uniq), device=device)  # summed token losses on this rank
 
     def add(self, micro_batch: list[int], segment: torch.Tensor, token_losses: torch.Tensor | None):
-        """A micro-batch's (S,) token losses; `segment`: the position in `micro_batch` of each target's sample."""
+        """A micro-batch's (S,) token losses; `segment`: each target's index in `micro_batch`."""
         if token_losses is not None and micro_batch:
-            where = torch.as_tensor(np.searchsorted(self.uniq, micro_batch), device=self.sums.device)
-            self.sums.index_add_(0, where[segment], token_losses)
+            slot = torch.as_tensor(np.searchsorted(self.uniq, micro_batch), device=self.sums.device)
+            self.sums.index_add_(0, slot[segment], token_losses)
 
     def means(self, sums: np.ndarray) -> np.ndarray:
         """Each unique sample's mean token loss, from its `sums` over all ranks."""
         return sums / np.maximum(self.weights, 1e-30)
 
     def by_source(self, sums: np.ndarray, source: np.ndarray, names: list[str]) -> dict:
-        """loss_by_source (token-weighted) and loss_tokens_by_source; `source`: each cache sample's."""
+        """loss_by_source (token-weighted), loss_tokens_by_source; `source`: each cache sample's."""
         weight = np.bincount(source[self.uniq], self.weights, len(names))
         loss = np.bincount(source[self.uniq], sums, len(names))
         tokens = np.bincount(source[self.samples], self.counts, len(names))
@@ -171,27 +157,24 @@ class StepLosses:
                 "loss_tokens_by_source": {name: int(tokens[s]) for name, s in present}}
 
     def rows(self, means: np.ndarray, source: np.ndarray, names: list[str]) -> list[dict]:
-        """sample_losses.jsonl's lines of the step: index, source, mean loss, tokens."""
+        """sample_losses.jsonl's lines of the step: sample index, source, mean loss, tokens."""
         return [{"sample": int(i), "source": names[source[i]], "loss": float(x), "tokens": int(n)}
                 for i, x, n in zip(self.uniq, means, self.tokens)]
 
 
 class MetricsLogger:
-    """Every rank keeps the counters; only rank 0 writes (metrics.jsonl, console, tqdm, TensorBoard, W&B,
-    summary.json, metrics.png). `resume` is a `state_dict()` saved in a checkpoint: counters continue from it,
-    and metrics.jsonl keeps only the steps up to it (later lines were written by the run that died, and those
-    steps are trained again)."""
+    """Counters on every rank, output on rank 0; `resume`: a checkpoint's `state_dict()`."""
 
     def __init__(self, output_dir: Path, cfg: LogConfig, total_steps: int, rank: int, world_size: int,
                  device: torch.device, run_config: dict | None = None, resume: dict | None = None):
-        counters = ["steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps", "flops",
-                    "train_s", "packing_sum", "imbalance_max"]
+        counters = ["steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps",
+                    "flops", "train_s", "packing_sum", "imbalance_max"]
         resume = resume or {"totals": dict.fromkeys(counters, 0), "elapsed_s": 0.0, "last": None, "wandb_id": None}
-        self.totals, self.last, self.wandb_id = dict(resume["totals"]), resume["last"], resume["wandb_id"]
+        self.totals, self.last = dict(resume["totals"]), resume["last"]
         self.cfg, self.on, self.world_size, self.device = cfg, rank == 0, world_size, device
         self.peak_tflops, self.output_dir = _peak_tflops(cfg, device), Path(output_dir)
         self.start = time.perf_counter() - resume["elapsed_s"]
-        self.tb = self.wandb = None
+        self.tb, self.wandb, self.wandb_id = None, None, resume["wandb_id"]
         if not self.on:
             return
         from tqdm import tqdm
@@ -201,8 +184,8 @@ class MetricsLogger:
         self.file = _open_at(self.output_dir / "metrics.jsonl", done)
         self.sample_file = _open_at(self.output_dir / "sample_losses.jsonl", done) if cfg.sample_losses else None
         # redraw at most every 30 s when the output is a log file rather than a terminal
-        self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=0.1 if sys.stderr.isatty() else 30)
+        self.bar = tqdm(total=total_steps, initial=done, desc="train", unit="step",
+                        dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -214,8 +197,8 @@ class MetricsLogger:
                 import wandb
             except ImportError:
                 raise ImportError("logging.wandb_project needs the wandb extra: pip install -e '.[wandb]'")
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=self.output_dir, config=run_config,
-                                    name=self.output_dir.name, id=self.wandb_id, resume="allow")
+            self.wandb = wandb.init(project=cfg.wandb_project, config=run_config, id=self.wandb_id,
+                                    dir=self.output_dir, name=self.output_dir.name, resume="allow")
             self.wandb_id = self.wandb.id
 
     def _speed(self, flops: float, seconds: float) -> dict:
@@ -223,43 +206,39 @@ class MetricsLogger:
         return {"tflops": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
 
     def _peak_memory(self) -> dict:
-        """_memory's figures, the maximum over ranks, and each rank's peak_mem_gib (a second, tiny collective per
-        step)."""
+        """_memory's figures, max over ranks, and each rank's peak_mem_gib (a tiny collective)."""
         mem = _memory(self.device)
         if self.world_size > 1 and dist.is_initialized():
             mine = torch.tensor(list(mem.values()), dtype=torch.float64, device=self.device)
             ranks = [torch.empty_like(mine) for _ in range(self.world_size)]
             dist.all_gather(ranks, mine)
             table = torch.stack(ranks)  # (ranks, figures)
-            mem = dict(zip(mem, table.amax(0).tolist())) | {"peak_mem_gib_ranks": table[:, 0].tolist()}
+            mem = dict(zip(mem, table.amax(0).tolist()), peak_mem_gib_ranks=table[:, 0].tolist())
         return mem
 
     def state_dict(self) -> dict:
-        return {"totals": self.totals, "elapsed_s": time.perf_counter() - self.start, "last": self.last,
-                "wandb_id": self.wandb_id}
+        return {"totals": self.totals, "elapsed_s": time.perf_counter() - self.start,
+                "last": self.last, "wandb_id": self.wandb_id}
 
     def samples(self, step: int, rows: list[dict]):
-        """One line per sample trained in `step` to sample_losses.jsonl: its index, source, mean loss, tokens."""
         if self.on:
             self.sample_file.write("".join(json.dumps({"step": step} | r) + "\n" for r in rows))
             self.sample_file.flush()
 
     def log(self, m: dict):
-        """`m`: step, epoch, loss, lr, grad_norm, samples, tokens, loss_tokens, micro_steps, packing_efficiency,
-        rank_imbalance, flops, step_time_s, data_wait_s, finite; eval_loss after an evaluation; loss_by_source
-        and loss_tokens_by_source with several sources; noise_scale; each extra loss term by name. Any other key
-        reaches metrics.jsonl as it is; the numbers among them (and loss_by_source) also TensorBoard and W&B."""
+        """`m`: step, epoch, loss, lr, grad_norm, samples, tokens, loss_tokens, micro_steps, finite,
+        packing_efficiency, rank_imbalance, flops, step_time_s, data_wait_s; eval_loss, noise_scale,
+        loss_by_source, loss_tokens_by_source and extra loss terms if any. Other keys reach
+        metrics.jsonl as they are; numbers (and loss_by_source) TensorBoard and W&B too."""
         t, tot = m["step_time_s"], self.totals
-        for k in ("samples", "tokens", "loss_tokens", "micro_steps", "flops"):
-            tot[k] += m[k]
-        tot["steps"] += 1
-        tot["train_s"] += t
-        tot["nonfinite_steps"] += not m["finite"]
-        tot["packing_sum"] += m["packing_efficiency"]
+        sums = {k: m[k] for k in ("samples", "tokens", "loss_tokens", "micro_steps", "flops")} | {
+            "steps": 1, "train_s": t, "nonfinite_steps": not m["finite"], "packing_sum": m["packing_efficiency"]}
+        for k, v in sums.items():
+            tot[k] += v
         tot["imbalance_max"] = max(tot["imbalance_max"], m["rank_imbalance"])
-        m = {k: v for k, v in m.items() if k != "flops"} | {
-            "compute_s": t - m["data_wait_s"], "tokens_per_s": m["tokens"] / t, "samples_per_s": m["samples"] / t,
-            "loss_tokens_per_s": m["loss_tokens"] / t} | self._speed(m["flops"], t) | {
+        rates = {"compute_s": t - m["data_wait_s"], "tokens_per_s": m["tokens"] / t,
+                 "samples_per_s": m["samples"] / t, "loss_tokens_per_s": m["loss_tokens"] / t}
+        m = {k: v for k, v in m.items() if k != "flops"} | rates | self._speed(m["flops"], t) | {
             "nonfinite_steps": tot["nonfinite_steps"]} | self._peak_memory()
         m["elapsed_s"] = round(time.perf_counter() - self.start, 3)
         self.last = m
@@ -281,10 +260,10 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
         if m["step"] % self.cfg.log_every_steps == 0 or "eval_loss" in m:
             speed = f"MFU {m['mfu']:.1%}" if m["mfu"] is not None else f"{m['tflops']:.3f} TFLOP/s"
-            self.bar.write(f"step {m['step']} | loss {m['loss']:.4f}"
-                           + (f" | eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else "")
-                           + f" | lr {m['lr']:.2e} | grad_norm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s"
-                           f" | {speed} | data wait {m['data_wait_s'] / t:.0%} | packing "
+            evals = f" | eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""
+            self.bar.write(f"step {m['step']} | loss {m['loss']:.4f}{evals} | lr {m['lr']:.2e} | "
+                           f"grad_norm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s | "
+                           f"{speed} | data wait {m['data_wait_s'] / t:.0%} | packing "
                            f"{m['packing_efficiency']:.2f} | {m['peak_mem_gib']:.2f} GiB")
 
     def close(self, extra: dict) -> dict:
@@ -292,21 +271,19 @@ class MetricsLogger:
         tot, last = self.totals, self.last or {}
         steps, train_s = max(1, tot["steps"]), max(tot["train_s"], 1e-9)
         counts = ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")
+        memory = ("peak_mem_gib", "peak_mem_gib_ranks", "peak_reserved_gib")
         summary = {k: tot[k] for k in counts} | {
             "wall_s": round(time.perf_counter() - self.start, 2), "train_s": round(train_s, 2),
             "tokens_per_s": tot["tokens"] / train_s} | self._speed(tot["flops"], train_s) | {
             "final_loss": last.get("loss"), "final_eval_loss": tot.get("final_eval_loss"),
-            "best_eval_loss": tot.get("best_eval_loss"), "peak_mem_gib": last.get("peak_mem_gib"),
-            "peak_mem_gib_ranks": last.get("peak_mem_gib_ranks"), "peak_reserved_gib": last.get("peak_reserved_gib"),
+            "best_eval_loss": tot.get("best_eval_loss")} | {k: last.get(k) for k in memory} | {
             "micro_steps_mean": tot["micro_steps"] / steps,
-            "packing_efficiency_mean": tot["packing_sum"] / steps, "rank_imbalance_max": tot["imbalance_max"]} | extra
+            "packing_efficiency_mean": tot["packing_sum"] / steps,
+            "rank_imbalance_max": tot["imbalance_max"]} | extra
         if self.on:
-            self.bar.close()
-            self.file.close()
-            if self.sample_file:
-                self.sample_file.close()
-            if self.tb:
-                self.tb.close()
+            for sink in (self.bar, self.file, self.sample_file, self.tb):
+                if sink is not None:
+                    sink.close()
             if self.wandb:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
                 self.wandb.finish()
@@ -317,9 +294,8 @@ class MetricsLogger:
 
 
 def model_card(run: dict, by_source: dict, state: dict, from_hub: bool) -> str:
-    """The export's README.md, as the HF Trainer writes one: base model, data (samples per source), the key
-    settings and the losses. `run` is the resolved config as a dict, `state` MetricsLogger.state_dict();
-    `from_hub`: the weights came from a hub id (the card then names it as base_model)."""
+    """The export's README.md, as the HF Trainer writes one. `run`: the resolved config as a dict;
+    `state`: MetricsLogger.state_dict(); `from_hub`: the weights came from a hub id (base_model)."""
     m, t, sh, last, tot = run["model"], run["train"], run["sharding"], state["last"] or {}, state["totals"]
     head = ["---"] + ([f"base_model: {m['path']}"] if from_hub else []) + [
         f"library_name: {'peft' if sh['lora_rank'] else 'transformers'}", "tags: [sft-trainer, sft]", "---", ""]
@@ -327,31 +303,23 @@ def model_card(run: dict, by_source: dict, state: dict, from_hub: bool) -> str:
     rows = [f"| {name} | {s['samples']:,} | {s['per_epoch']:,} | {sum(s['skipped'].values())} | "
             f"{s['longer_than_max_seq_len']} |" for name, s in by_source.items()]
     tuning = f"LoRA r={sh['lora_rank']}, alpha={sh['lora_alpha']:g}" if sh["lora_rank"] else "full fine-tuning"
-
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
+    loss, final, best = ("n/a" if v is None else f"{v:.4f}" for v in
+                         (last.get("loss"), tot.get("final_eval_loss"), tot.get("best_eval_loss")))
     return "\n".join(head + [
         f"# {Path(t['output_dir']).name}", "", f"Supervised fine-tuning of {base} with sft-trainer.", "",
         "## Data", "", "| source | samples | per epoch | skipped (bad) | longer than max_seq_len |",
-        "|---|---|---|---|---|",
-        *rows, "", "## Settings", "",
+        "|---|---|---|---|---|", *rows, "", "## Settings", "",
         f"- {tuning}{' on 4-bit NF4 weights (QLoRA)' if m['load_in_4bit'] else ''}; sharding: {sh['strategy']}; "
         f"weights in {m['dtype']}",
         f"- {tot['steps']} steps of {run['sampler']['batch_size']} samples; lr {t['lr']:g} ({t['lr_schedule']}, "
         f"{t['warmup_steps']} warmup steps); AdamW, weight decay {t['weight_decay']:g}; seed {t['seed']}",
         f"- samples of at most {run['data']['max_seq_len']} tokens, packed; loss on the assistant turns only", "",
-        "## Results", "", f"- final training loss: {fmt(last.get('loss'))}",
-        f"- final eval loss: {fmt(tot.get('final_eval_loss'))}; best: {fmt(tot.get('best_eval_loss'))}",
+        "## Results", "", f"- final training loss: {loss}", f"- final eval loss: {final}; best: {best}",
         f"- {tot['tokens']:,} tokens trained on", ""])
 
 
-PANELS = {"loss": "loss (nats/token)", "lr": "learning rate", "tokens_per_s": "tokens/s", "grad_norm": "gradient norm"}
-
-
 def plot(run_dirs: list, out: Path):
-    """Loss (eval loss as points), learning rate, tokens/s and gradient norm against step, one colour per run,
-    from each run's metrics.jsonl; writes the PNG `out` and returns the matplotlib Figure."""
+    """Loss (eval: dots), lr, tokens/s, grad norm by step per run, in `out`; returns the Figure."""
     from matplotlib.figure import Figure  # no pyplot: nothing global to open or close
 
     fig = Figure(figsize=(12, 7), layout="tight")
@@ -378,8 +346,8 @@ def plot(run_dirs: list, out: Path):
 
 @torch.no_grad()
 def exact_match(hf_dir: str, heldout_file: str, batch_size: int = 64) -> float:
-    """Greedy-generates the last message of each held-out chat from the ones before it, with the exported
-    model as `from_pretrained` loads it; returns the fraction generated exactly (whitespace-stripped)."""
+    """Greedy-generates each held-out chat's last message from the ones before, with the export as
+    `from_pretrained` loads it; returns the fraction generated exactly (whitespace-stripped)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir, padding_side="left")
@@ -391,7 +359,7 @@ def exact_match(hf_dir: str, heldout_file: str, batch_size: int = 64) -> float:
         batch = chats[a:a + batch_size]
         prompts = [tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in batch]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        longest = max(len(tok(c[-1]["content"], add_special_tokens=False)["input_ids"]) for c in batch)
+        longest = max(len(tok(c[-1]["content"], add_special_tokens=False).input_ids) for c in batch)
         out = model.generate(**enc, max_new_tokens=longest + 8, do_sample=False, pad_token_id=pad)
         for c, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             hits += tok.decode(ids, skip_special_tokens=True).strip() == c[-1]["content"].strip()

@@ -1,15 +1,16 @@
 """Process groups, sharding strategies and LoRA wrapping.
 
-`init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU; a plain single process without it).
-`shard_model()` wraps LoRA adapters (peft) when asked, then applies the strategy; under FSDP2, ranks other than 0
-built the model on the meta device (model_setup.load_model) and receive their shards from rank 0 here, so CPU
-memory does not grow with the number of local ranks. `combine_gradients()` is the one place gradients cross ranks
-(`none`: once per step, from `reduce_gradients()`; FSDP2: each block's, in backward). Gradients are averaged over
-ranks (FSDP2's default, which gloo's lack of pre-multiplied sums keeps us from changing), so train.py
-backpropagates loss_sum * world_size / N_step, where N_step counts the supervised tokens of the whole step over all
-ranks: the mean then gives sum / N_step. Everything DeepSpeed-specific is here too, behind the functions the loop
-and checkpoint.py call for every strategy: attach_optimizer, backward, clip_and_step, save_state, load_state,
-full_state_dict.
+`init_distributed()` reads torchrun's environment (nccl on CUDA, gloo on CPU; a plain single process
+without it). `shard_model()` wraps LoRA adapters (peft) when asked, then applies the strategy; under
+FSDP2, ranks other than 0 built the model on the meta device (model_setup.load_model) and receive
+their shards from rank 0 here, so CPU memory does not grow with the number of local ranks.
+`combine_gradients()` is the one place gradients cross ranks (`none`: once per step, from
+`reduce_gradients()`; FSDP2: each block's, in backward). Gradients are averaged over ranks (FSDP2's
+default, which gloo's lack of pre-multiplied sums keeps us from changing), so train.py
+backpropagates loss_sum * world_size / N_step, where N_step counts the supervised tokens of the
+whole step over all ranks: the mean then gives sum / N_step. Everything DeepSpeed-specific is here
+too, behind the functions the loop and checkpoint.py call for every strategy: attach_optimizer,
+backward, clip_and_step, save_state, load_state, full_state_dict.
 """
 
 import dataclasses
@@ -25,8 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 import config
 
@@ -34,21 +36,22 @@ import config
 @config.section("sharding")
 @dataclass
 class ShardingConfig:
-    strategy: Literal["none", "fsdp2", "deepspeed"] = "none"  # none: every rank holds the whole model;
-    #   fsdp2: fully_shard per block; deepspeed: ZeRO (deepspeed extra)
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # fsdp2: dtype of forward/backward (weights and
-    #   gradient reduction stay in model.dtype, the master dtype)
-    reshard_after_forward: bool = True  # fsdp2: free gathered weights after forward (less memory, more comms)
-    hybrid: bool = False  # fsdp2: shard inside each node, replicate across nodes (torchrun --nnodes > 1)
-    cpu_offload: bool = False  # fsdp2: sharded weights, gradients and optimizer state in CPU memory;
-    #   deepspeed: optimizer state (and with ZeRO-3 the weights) in CPU memory
-    zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 also gradients, 3 also weights
-    lora_rank: Annotated[int, config.ge(0)] = 0  # > 0: train LoRA adapters of this rank (peft) on frozen base
-    #   weights; 0 = full fine-tuning
-    lora_alpha: Annotated[float, config.gt(0)] = 16.0  # LoRA scale numerator: the update is scaled by alpha / rank
+    # none: every rank holds the whole model; fsdp2: fully_shard per block; deepspeed: ZeRO (extra)
+    strategy: Literal["none", "fsdp2", "deepspeed"] = "none"
+    # fsdp2: dtype of forward/backward (weights and gradient reduction stay in model.dtype)
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    reshard_after_forward: bool = True  # fsdp2: free gathered weights after forward (less memory)
+    hybrid: bool = False  # fsdp2: shard inside each node, replicate across nodes (--nnodes > 1)
+    # fsdp2: sharded weights, gradients and optimizer state in CPU memory; deepspeed: optimizer
+    #   state (and with ZeRO-3 the weights) in CPU memory
+    cpu_offload: bool = False
+    zero_stage: Literal[1, 2, 3] = 2  # deepspeed: 1 shards optimizer state, 2 gradients, 3 weights
+    lora_rank: Annotated[int, config.ge(0)] = 0  # > 0: train LoRA adapters (peft) of this rank on
+    #   frozen base weights; 0 = full fine-tuning
+    lora_alpha: Annotated[float, config.gt(0)] = 16.0  # LoRA scale: the update times alpha / rank
     lora_dropout: Annotated[float, config.ge(0, 1)] = 0.0  # dropout on the adapter input
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear
-    #   (every linear layer but the output layer)
+    # module names, or all-linear (every linear layer but the output layer)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
@@ -60,8 +63,9 @@ class Dist:
 
 
 def init_distributed(timeout_s: float = 300) -> Dist:
-    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE once; multi-node works through torchrun's rendezvous. Creating
-    the group and every collective fail after `timeout_s` instead of waiting on a stalled rank."""
+    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE once; multi-node works through torchrun's
+    rendezvous. Creating the group and every collective fail after `timeout_s` instead of waiting on
+    a stalled rank."""
     if "RANK" not in os.environ:
         return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -72,7 +76,8 @@ def init_distributed(timeout_s: float = 300) -> Dist:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    global _RANK0_WORK  # waiting for work only rank 0 does (tokenizing, verifying, writing) is not bounded
+    # waiting for work only rank 0 does (tokenizing, verifying, writing) is not bounded
+    global _RANK0_WORK
     _RANK0_WORK = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     return Dist(dist.get_rank(), dist.get_world_size(), device, int(os.environ["LOCAL_WORLD_SIZE"]))
 
@@ -81,8 +86,9 @@ _RANK0_WORK = None
 
 
 def wait_for_rank0(obj=None):
-    """Every rank calls it; returns rank 0's `obj` once rank 0 gets there, however long its work took (a plain
-    collective would time out after train.collective_timeout_s). Without a process group it returns `obj`."""
+    """Every rank calls it; returns rank 0's `obj` once rank 0 gets there, however long its work
+    took (a plain collective would time out after train.collective_timeout_s). Without a process
+    group it returns `obj`."""
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -91,72 +97,82 @@ def wait_for_rank0(obj=None):
 
 
 def all_reduce_sum(named: dict[str, torch.Tensor | float], d: Dist) -> dict[str, np.ndarray]:
-    """Each named tensor (or number) summed over the ranks in one all-reduce, in fp64, returned by name on the host
-    (a host sync, meant: the caller decides from the result)."""
+    """Each named tensor (or number) summed over the ranks in one all-reduce, in fp64, returned by
+    name on the host (a host sync, meant: the caller decides from the result)."""
     parts = [torch.as_tensor(t, device=d.device).double().reshape(-1) for t in named.values()]
     flat = torch.cat(parts)
     if d.world_size > 1:
         dist.all_reduce(flat)
     values = np.split(flat.cpu().numpy(), np.cumsum([len(p) for p in parts])[:-1])
+    shapes = [torch.as_tensor(t).shape for t in named.values()]
     # [()]: a number for a 0-d tensor, the array otherwise
-    return {name: v.reshape(torch.as_tensor(t).shape)[()] for (name, t), v in zip(named.items(), values)}
+    return {name: v.reshape(shape)[()] for name, v, shape in zip(named, values, shapes)}
 
 
 def collective_failed(e: BaseException) -> bool:
-    """Whether `e` is a collective that timed out or lost its peer (gloo raises these as plain RuntimeErrors)."""
-    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("Timed out", "timed out", "Connection closed",
-                                                                       "Connection reset"))
+    """Whether `e` is a collective that timed out or lost its peer (gloo raises these as plain
+    RuntimeErrors)."""
+    signs = ("Timed out", "timed out", "Connection closed", "Connection reset")
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in signs)
 
 
 def _apply_lora(model: nn.Module, cfg: ShardingConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
-    model.lm = get_peft_model(model.lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
-                                                   lora_dropout=cfg.lora_dropout, target_modules=targets))
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      task_type="CAUSAL_LM", target_modules=targets)
+    model.lm = get_peft_model(model.lm, lora)
 
 
 def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy,
-                                        fully_shard)
+    from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
+                                        OffloadPolicy, fully_shard)
 
     master = next(model.parameters()).dtype
-    offload = CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
-    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.compute_dtype), reduce_dtype=master),
-          "offload_policy": offload}
+    pinned = d.device.type == "cuda"
+    offload = CPUOffloadPolicy(pin_memory=pinned) if cfg.cpu_offload else OffloadPolicy()
+    compute = getattr(torch, cfg.compute_dtype)
+    precision = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=master)
+    kw = {"mp_policy": precision, "offload_policy": offload}
     if cfg.hybrid:  # 2-D mesh: replicate over nodes (dim 0), shard over the ranks of a node (dim 1)
-        nodes = d.world_size // d.local_world_size
-        kw["mesh"] = init_device_mesh(d.device.type, (nodes, d.local_world_size), mesh_dim_names=("replicate", "shard"))
-    # Each decoder block is its own unit, so only one block's full weights exist at a time; the root unit
-    # holds the rest (final norm, output layer, and the input embedding when tied to it), which stays gathered
-    # after forward because backward needs it first.
+        shape = (d.world_size // d.local_world_size, d.local_world_size)
+        kw["mesh"] = init_device_mesh(d.device.type, shape, mesh_dim_names=("replicate", "shard"))
+    # Each decoder block is its own unit, so only one block's full weights exist at a time; the root
+    # unit holds the rest (final norm, output layer, and the input embedding when tied to it), which
+    # stays gathered after forward because backward needs it first.
     for block in model.lm.get_decoder().layers:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kw)
     embedding = model.lm.get_input_embeddings()
-    if embedding.weight is not model.lm.get_output_embeddings().weight:  # untied: a unit of its own, gathered
-        fully_shard(embedding, **kw)  # only at the start of forward and the end of backward (Llama-3.1-8B: 1 GiB in
-        #   fp32 per rank that the root would hold through the whole step)
-    kw["mp_policy"] = dataclasses.replace(kw["mp_policy"], cast_forward_inputs=False)  # the root's one float
-    #   input is loss_weight, kept in fp32
+    # An untied input embedding is a unit of its own, gathered only at the start of forward and the
+    # end of backward (Llama-3.1-8B: 1 GiB in fp32 per rank that the root would hold all step).
+    if embedding.weight is not model.lm.get_output_embeddings().weight:
+        fully_shard(embedding, **kw)
+    # the root's one float input is loss_weight, kept in fp32
+    kw["mp_policy"] = dataclasses.replace(precision, cast_forward_inputs=False)
     fully_shard(model, reshard_after_forward=False, **kw)
+    # FSDP2 reduce-scatters each unit's gradients in backward, through ours
     for m in model.modules():
-        if isinstance(m, FSDPModule):  # FSDP2 reduce-scatters each unit's gradients in backward, through ours
+        if isinstance(m, FSDPModule):
             m.set_custom_reduce_scatter(_CombineInBackward())
 
 
-def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool = True) -> nn.Module:
-    """`model` is model_setup.PackedCausalLM, real on rank 0; with fsdp2 and `from_rank0`, on the meta device on
-    the other ranks, which then receive their shards from rank 0."""
+def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool = True
+                ) -> nn.Module:
+    """`model` is model_setup.PackedCausalLM, real on rank 0; with fsdp2 and `from_rank0`, on the
+    meta device on the other ranks, which then receive their shards from rank 0."""
     if cfg.lora_rank:
         _apply_lora(model, cfg)
     if cfg.strategy == "fsdp2":
-        full = model.state_dict() if d.rank == 0 and from_rank0 else {}  # rank 0's weights and adapters
+        # rank 0's weights and adapters
+        full = model.state_dict() if d.rank == 0 and from_rank0 else {}
         _apply_fsdp2(model, cfg, d)
         if d.world_size > 1 and from_rank0:
             if d.rank != 0:  # allocate this rank's shards (uninitialized; filled from rank 0 below)
                 model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
-            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(model, full, options=options)
             for b in model.buffers():  # buffers that no state dict holds (rotary frequencies)
                 dist.broadcast(b, src=0)
     elif d.world_size > 1:  # replicate: every rank starts from rank 0's weights
@@ -166,32 +182,38 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool
 
 
 def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_norm: float):
-    """(model, optimizer) as the loop uses them: unchanged, or under `deepspeed` its engine around both,
-    configured from our YAML. The loop keeps its own accumulation (a boundary flag per micro-step, since the
-    number of micro-steps varies) and loss scaling, so DeepSpeed runs with one micro-batch per 'step' and averages
-    gradients over ranks as FSDP2 does."""
+    """(model, optimizer) as the loop uses them: unchanged, or under `deepspeed` its engine around
+    both, configured from our YAML. The loop keeps its own accumulation (a boundary flag per
+    micro-step, since the number of micro-steps varies) and loss scaling, so DeepSpeed runs with one
+    micro-batch per 'step' and averages gradients over ranks as FSDP2 does."""
     if cfg.strategy != "deepspeed":
         return model, optimizer
     try:
         import deepspeed
     except ImportError:
-        raise ImportError("sharding.strategy: deepspeed needs the deepspeed extra: pip install -e '.[deepspeed]'")
+        raise ImportError("sharding.strategy: deepspeed needs the deepspeed extra: "
+                          "pip install -e '.[deepspeed]'")
     zero = {"stage": cfg.zero_stage}
-    if cfg.cpu_offload:  # our (fused) AdamW steps the offloaded fp32 state on the CPU; DeepSpeed would insist on
-        zero["offload_optimizer"] = {"device": "cpu"}  # its CPUAdam, a C++ extension compiled at first use
+    # Our (fused) AdamW steps the offloaded fp32 state on the CPU; DeepSpeed would insist on its
+    # CPUAdam, a C++ extension compiled at first use.
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
         if cfg.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
-    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) each; sized to the model instead, as the HF
-    # Trainer's "auto" values do (BENCHMARKS.md, Memory)
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) each; sized to the model instead,
+    # as the HF Trainer's "auto" values do (BENCHMARKS.md, Memory)
     h = model.lm.config.hidden_size
     zero |= {"reduce_bucket_size": h * h, "allgather_bucket_size": h * h,
-             "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h}
-    if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its own module's forward
+             "stage3_prefetch_bucket_size": int(0.9 * h * h),
+             "stage3_param_persistence_threshold": 10 * h}
+    if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its module's forward
         deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-                 "zero_force_ds_cpu_optimizer": False,
-                 "gradient_clipping": max_grad_norm, "bf16": {"enabled": cfg.compute_dtype == "bfloat16"}}
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
+                 "gradient_clipping": max_grad_norm,
+                 "bf16": {"enabled": cfg.compute_dtype == "bfloat16"}}
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=ds_config)
     return engine, optimizer
 
 
@@ -207,21 +229,26 @@ def backward(model: nn.Module, loss: torch.Tensor, last_micro_step: bool):
         loss.backward()
 
 
+# torch 2.13 renamed reduce_scatter_tensor, whose old name now warns at every call
+_reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 def combine_gradients(grads: torch.Tensor, out: torch.Tensor | None, group, op=dist.ReduceOp.SUM):
-    """The one place gradients cross ranks (`none` and `fsdp2`; DeepSpeed reduces its own way). `grads` is one
-    flat buffer of this rank's gradients: all of them, once per step, under `none` (reduce_gradients); under
-    FSDP2 one unit's, in its reduce dtype (model.dtype), at each backward. The result goes back into `grads`
-    (out is None: an all-reduce) or into `out`, this rank's shard (FSDP2: a reduce-scatter). `op` is a sum; the
-    callers divide by the world size. Edit this to change what is reduced, in which dtype, or over which group."""
+    """The one place gradients cross ranks (`none` and `fsdp2`; DeepSpeed reduces its own way).
+    `grads` is one flat buffer of this rank's gradients: all of them, once per step, under `none`
+    (reduce_gradients); under FSDP2 one unit's, in its reduce dtype (model.dtype), at each backward.
+    The result goes back into `grads` (out is None: an all-reduce) or into `out`, this rank's shard
+    (FSDP2: a reduce-scatter). `op` is a sum; the callers divide by the world size. Edit this to
+    change what is reduced, in which dtype, or over which group."""
     if out is None:
         dist.all_reduce(grads, op=op, group=group)
     else:
-        dist.reduce_scatter_tensor(out, grads, op=op, group=group)
+        _reduce_scatter(out, grads, op=op, group=group)
 
 
 class _CombineInBackward:
-    """FSDP2's reduce-scatter communication (FSDPModule.set_custom_reduce_scatter), routed to combine_gradients;
-    FSDP2 still chooses the buffers and the division by the world size."""
+    """FSDP2's reduce-scatter communication (FSDPModule.set_custom_reduce_scatter), routed to
+    combine_gradients; FSDP2 still chooses the buffers and the division by the world size."""
 
     def allocate(self, size, *, dtype, device):
         return torch.empty(*size, dtype=dtype, device=device)
@@ -231,21 +258,21 @@ class _CombineInBackward:
 
 
 def reduces_in_backward(cfg: ShardingConfig) -> bool:
-    """Whether gradients are already combined over ranks after each backward (FSDP2, DeepSpeed) or only by
-    reduce_gradients after the last micro-step (`none`)."""
+    """Whether gradients are already combined over ranks after each backward (FSDP2, DeepSpeed) or
+    only by reduce_gradients after the last micro-step (`none`)."""
     return cfg.strategy != "none"
 
 
 def grad_sq_norm(model: nn.Module) -> torch.Tensor:
-    """The sum of squares of the gradients this rank holds (its shards under FSDP2: summed over ranks, the
-    global one), without communication."""
+    """The sum of squares of the gradients this rank holds (its shards under FSDP2: summed over
+    ranks, the global one), without communication."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return sum((g.to_local() if hasattr(g, "to_local") else g).float().pow(2).sum() for g in grads)
 
 
 def reduce_gradients(model: nn.Module, cfg: ShardingConfig, d: Dist):
-    """Averages gradients over ranks under `none`, after the last micro-step, in one flat buffer (FSDP2 and
-    DeepSpeed reduced them during backward)."""
+    """Averages gradients over ranks under `none`, after the last micro-step, in one flat buffer
+    (FSDP2 and DeepSpeed reduced them during backward)."""
     if reduces_in_backward(cfg) or d.world_size == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -257,8 +284,8 @@ def reduce_gradients(model: nn.Module, cfg: ShardingConfig, d: Dist):
 
 
 def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: bool) -> float:
-    """Clips to `max_grad_norm` (0 = no clipping) and, if `update`, steps; returns the gradient norm before
-    clipping (DeepSpeed clips inside its step and reports the norm after it)."""
+    """Clips to `max_grad_norm` (0 = no clipping) and, if `update`, steps; returns the gradient norm
+    before clipping (DeepSpeed clips inside its step and reports the norm after it)."""
     if _is_deepspeed(model):
         if update:
             model.step()
@@ -266,7 +293,8 @@ def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: boo
             model.optimizer.zero_grad()
         return float(model.get_global_grad_norm() or 0.0)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+    # a DTensor under FSDP2
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if update and math.isfinite(norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -274,17 +302,21 @@ def clip_and_step(model: nn.Module, optimizer, max_grad_norm: float, update: boo
 
 
 def _state_dicts(model: nn.Module, optimizer) -> dict:
-    """FQN-keyed model and optimizer state; sharded (DTensor) under FSDP2. Frozen weights are left out: a LoRA
-    run rebuilds its base from model.path (or the seed) exactly as it did at the start."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    """FQN-keyed model and optimizer state; sharded (DTensor) under FSDP2. Frozen weights are left
+    out: a LoRA run rebuilds its base from model.path (or the seed) exactly as it did at the start.
+    """
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optim": optim_sd}
 
 
 def save_state(model: nn.Module, optimizer, path: Path):
     """Every rank writes its part of the trained weights and the optimizer state under `path`
-    (torch.distributed.checkpoint: readable on any world size and by `none` or `fsdp2`; DeepSpeed's own format)."""
+    (torch.distributed.checkpoint: readable on any world size and by `none` or `fsdp2`; DeepSpeed's
+    own format)."""
     if _is_deepspeed(model):
-        model.save_checkpoint(str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
+        model.save_checkpoint(str(path), tag="deepspeed", save_latest=False,
+                              exclude_frozen_parameters=True)
     else:
         dcp.save(_state_dicts(model, optimizer), checkpoint_id=path / "dcp")
 
@@ -292,19 +324,23 @@ def save_state(model: nn.Module, optimizer, path: Path):
 def load_state(model: nn.Module, optimizer, path: Path):
     """Every rank restores what `save_state` wrote, in place."""
     if _is_deepspeed(model):  # not strict: frozen weights were left out at save
-        model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False, load_lr_scheduler_states=False)
+        model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
+                              load_lr_scheduler_states=False)
     else:
         sd = _state_dicts(model, optimizer)
-        dcp.load(sd, checkpoint_id=path / "dcp")  # fails on any key of `sd` that the checkpoint lacks
+        # fails on any key of `sd` that the checkpoint lacks
+        dcp.load(sd, checkpoint_id=path / "dcp")
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def full_state_dict(model: nn.Module) -> dict:
-    """The full weights of `model.lm` (HF names) on rank 0's CPU, gathered from every rank (all take part); empty
-    or partial on the others."""
+    """The full weights of `model.lm` (HF names) on rank 0's CPU, gathered from every rank (all take
+    part); empty or partial on the others."""
     if _is_deepspeed(model) and model.zero_optimization_stage() == 3:
         state = model._zero3_consolidated_16bit_state_dict() or {}  # None on the other ranks
         return {k.removeprefix("lm."): v for k, v in state.items()}
-    # full_state_dict gathers sharded (DTensor) weights; cpu_offload: the gathered copy on rank 0's CPU only
-    return get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # full_state_dict gathers sharded (DTensor) weights; cpu_offload: the gathered copy on rank 0's
+    # CPU only
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model.lm, options=options)

@@ -1,16 +1,16 @@
-"""Data sources -> memory-mapped token cache. Only what the model generates at inference is trained: each
-assistant turn's content and the end-of-turn token(s) the chat template writes after it; everything else gets
-label -100. Data written for InstructLab's training library and mini_trainer reads as they read it (`unmask: true`,
-their pretraining roles, pre-tokenized input_ids/labels, documents): README, "Coming from InstructLab".
+"""Data sources -> memory-mapped token cache. Only what the model generates at inference is trained
+(each assistant turn's content and the end-of-turn token(s) the template writes after it); all else
+gets label -100. InstructLab's and mini_trainer's data reads as they read it (`unmask: true`, their
+pretraining roles, pre-tokenized input_ids/labels, documents): README, "Coming from InstructLab".
 
     python tokenize_data.py --config configs/quickstart.yaml [--preview N]
 
-A source is a JSONL/JSON/Parquet file, a directory of them, a `datasets.save_to_disk` directory or a hub id, in one
-of the FORMATS below (detected from its first record). Reading and the parallel, batched work are `datasets`'
-(Arrow, memory-mapped): a source is never held as a Python list. The cache is a directory keyed by a hash of the
-input contents, the tokenizer, its chat template and the options, so a changed input is never served stale. It
-holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sample `offsets` (int64, n+1), supervised target
-`source` ids, and `meta.json` (counts per source, skips and drops by reason).
+A source (a JSONL/JSON/Parquet file or a directory of them, a `datasets.save_to_disk` directory,
+a hub id) has one of the FORMATS below, detected from its first record. `datasets` reads it and does
+the parallel, batched work (Arrow, memory-mapped), never as a Python list. The cache directory's
+name hashes the inputs' contents, tokenizer, chat template and options, so a changed input is never
+served stale. It holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sample `offsets`
+(int64, n+1) and `source` ids, and `meta.json` (counts per source, skips and drops by reason).
 """
 
 import hashlib
@@ -30,30 +30,31 @@ import config
 
 CACHE_VERSION = 5  # bump when the tokenization logic changes, so old caches are not reused
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "user": "user",
-                  "assistant": "assistant"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
+                  "user": "user", "assistant": "assistant"}
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass
 class Source:
-    path: str = ""  # a .jsonl/.json/.parquet file, a directory of them, a save_to_disk directory, or a hub id
-    weight: Annotated[float, config.gt(0)] = 1.0  # samples per epoch as a multiple of the source's size: 2.0 =
-    #   each twice, 0.5 = a seeded half (another half each epoch); a fractional part is sampled by seed too
-    format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text", "document",
-                    "tokens"] = "auto"
+    path: str = ""  # a JSONL/JSON/Parquet file or directory, a save_to_disk directory, or a hub id
+    weight: Annotated[float, config.gt(0)] = 1.0  # samples per epoch, as a multiple of its size:
+    #   2.0 = each twice, 0.5 = a seeded half (another half each epoch); a fractional part likewise
+    format: Literal["auto", "messages", "conversations", "alpaca", "prompt_completion", "text",
+                    "document", "tokens"] = "auto"
 
 
 @config.section("data")
 @dataclass
 class DataConfig:
-    train_files: list[str | Source] = field(default_factory=list)  # sources: a path, or {path, weight, format}
-    eval_files: list[str | Source] = field(default_factory=list)  # sources of the eval loss (train.eval_every_steps)
-    max_seq_len: Annotated[int, config.ge(2)] = 4096  # longest sample kept, in tokens; longer ones are dropped
-    #   and counted, except documents (text, document, input_ids without labels), which are split into blocks
-    on_bad_sample: Literal["error", "skip"] = "error"  # error: stop at the first, naming its place; skip: count
+    train_files: list[str | Source] = field(default_factory=list)  # path or {path, weight, format}
+    eval_files: list[str | Source] = field(default_factory=list)  # for train.eval_every_steps
+    max_seq_len: Annotated[int, config.ge(2)] = 4096  # longest sample kept, in tokens; longer ones
+    #   are dropped and counted, except documents (text, document, input_ids without labels): blocks
+    on_bad_sample: Literal["error", "skip"] = "error"  # error: stop, naming the first; skip: count
     cache_dir: str = ".cache/tokens"  # where token caches live (one subdirectory per hash)
-    num_proc: Annotated[int, config.ge(1)] = 1  # tokenizer processes; they split the records of each source
+    num_proc: Annotated[int, config.ge(1)] = 1  # tokenizer processes over each source's records
 
 
 class DataError(ValueError):
@@ -61,7 +62,7 @@ class DataError(ValueError):
 
 
 class BadSample(ValueError):
-    """A sample that cannot be trained; `reason` is the key it is counted under with on_bad_sample: skip."""
+    """A sample that cannot be trained; `reason` keys its count under on_bad_sample: skip."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -70,7 +71,6 @@ class BadSample(ValueError):
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
-
     if not path:
         raise DataError("model.path is empty: set it to an HF model directory (or hub id)")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -80,13 +80,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-# ---- record formats -> OpenAI chat messages: one small function each (a fork adds a format here) ----
+# ---- record formats -> OpenAI chat messages, one small function each (a fork adds one here) ----
 
 def _need(record: dict, key: str, types) -> object:
     if not isinstance(record.get(key), types):
         got = type(record[key]).__name__ if key in record else "nothing"
-        raise BadSample("wrong_type", f'"{key}" must be {getattr(types, "__name__", "a string or a list")}, '
-                                      f"got {got}")
+        want = getattr(types, "__name__", "a string or a list")
+        raise BadSample("wrong_type", f'"{key}" must be {want}, got {got}')
     return record[key]
 
 
@@ -94,9 +94,9 @@ def from_messages(record: dict) -> list[dict]:
     return _need(record, "messages", list)
 
 
-# InstructLab's data generator wrote chats as one "pretraining" message until early 2025; its training library
-# parses them back into turns (data_process.py, extract_messages_from_pretraining_text, instructlab/training
-# fa5b53b): a role tag, a newline, the content up to the next "<", the end-of-text token removed
+# InstructLab's data generator wrote a chat as one "pretraining" message until early 2025. Its
+# training library parses it back into turns: a role tag, a newline, the content up to the next "<"
+# (data_process.py, extract_messages_from_pretraining_text, instructlab/training fa5b53b)
 _PRETRAINING = {True: re.compile(r"<\|(user|assistant)\|>\n([^<]+)"),
                 False: re.compile(r"<\|start_of_role\|>(user|assistant)<\|end_of_role\|>\n([^<]+)")}
 
@@ -111,10 +111,10 @@ def _from_pretraining(messages: list) -> list[dict]:
         if not isinstance(text, str):
             raise BadSample("wrong_type", 'a "pretraining" message\'s content must be a string')
         legacy = "<|user|>" in text or "<|assistant|>" in text
-        turns = [{"role": role, "content": content.replace("<|endoftext|>", "").replace("<|end_of_text|>", "")}
-                 for role, content in _PRETRAINING[legacy].findall(text)]
+        turns = [{"role": r, "content": c} for r, c in _PRETRAINING[legacy].findall(text)]
         if not turns:
-            raise BadSample("wrong_type", 'a "pretraining" message holds no <|user|> or <|assistant|> turn')
+            raise BadSample("wrong_type",
+                            'a "pretraining" message holds no <|user|> or <|assistant|> turn')
         out += turns
     return out
 
@@ -125,8 +125,8 @@ def from_conversations(record: dict) -> list[dict]:  # ShareGPT
         raise BadSample("wrong_type", '"conversations" must be a list of {"from", "value"} objects')
     for t in turns:
         if t.get("from") not in SHAREGPT_ROLES:
-            raise BadSample("unknown_role", f"conversation turn from {t.get('from')!r}; expected one of "
-                                            f"{', '.join(SHAREGPT_ROLES)}")
+            raise BadSample("unknown_role", f"conversation turn from {t.get('from')!r}; "
+                            f"expected one of {', '.join(SHAREGPT_ROLES)}")
     return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
 
 
@@ -134,56 +134,59 @@ def from_alpaca(record: dict) -> list[dict]:
     user = _need(record, "instruction", str)
     if record.get("input"):
         user += "\n\n" + _need(record, "input", str)
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _need(record, "output", str)}]
+    answer = _need(record, "output", str)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
 def from_prompt_completion(record: dict) -> list[dict]:
-    prompt, completion = _need(record, "prompt", (str, list)), _need(record, "completion", (str, list))
-    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-    return prompt + completion
+    turns = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        part = _need(record, key, (str, list))
+        turns += [{"role": role, "content": part}] if isinstance(part, str) else part
+    return turns
 
 
+# text/document: no template, all trained, blocks if long; tokens: input_ids (+ labels) as given
 FORMATS = {"messages": from_messages, "conversations": from_conversations, "alpaca": from_alpaca,
            "prompt_completion": from_prompt_completion,
-           "text": None, "document": None,  # no template, every token trained, long ones split into blocks
-           "tokens": None}  # pre-tokenized input_ids (+ labels), used exactly as given
-# the record keys each format reads; any other key of a record is reported as unused
-USED_KEYS = {"messages": {"messages", "tools", "unmask"}, "conversations": {"conversations", "tools"},
-             "alpaca": {"instruction", "input", "output"}, "prompt_completion": {"prompt", "completion", "tools"},
-             "text": {"text"}, "document": {"document"}, "tokens": {"input_ids", "labels", "len",
-                                                                     "num_loss_counted_tokens"}}
+           "text": None, "document": None, "tokens": None}
+# the record keys each format reads; a record's other keys are reported as unused
+USED_KEYS = {"messages": {"messages", "tools", "unmask"}, "text": {"text"},
+             "conversations": {"conversations", "tools"}, "alpaca": {"instruction", "input", "output"},
+             "prompt_completion": {"prompt", "completion", "tools"}, "document": {"document"},
+             "tokens": {"input_ids", "labels", "len", "num_loss_counted_tokens"}}
 
 
 def detect_format(record) -> str:
     keys = record.keys() if isinstance(record, dict) else ()
-    for fmt, need in (("tokens", {"input_ids"}), ("messages", {"messages"}), ("conversations", {"conversations"}),
-                      ("alpaca", {"instruction", "output"}), ("prompt_completion", {"prompt", "completion"}),
-                      ("document", {"document"}), ("text", {"text"})):
+    for fmt, need in (("tokens", {"input_ids"}), ("messages", {"messages"}),
+                      ("conversations", {"conversations"}), ("alpaca", {"instruction", "output"}),
+                      ("prompt_completion", {"prompt", "completion"}), ("document", {"document"}),
+                      ("text", {"text"})):
         if need <= keys:
             return fmt
-    raise BadSample("unknown_format", f"cannot tell the format from the keys {sorted(keys)}: expected input_ids, "
-                                      "messages, conversations, instruction/output, prompt/completion, document or "
-                                      "text; or set format:")
+    raise BadSample("unknown_format", f"cannot tell the format from the keys {sorted(keys)}: "
+                    "expected input_ids, messages, conversations, instruction/output, "
+                    "prompt/completion, document or text; or set format:")
 
 
 def _content(m: dict, j: int) -> str:
     c = m.get("content")
-    if c is None and any(m.get(k) for k in ("tool_calls", "reasoning_content", "thinking", "reasoning")):
+    if c is None and any(m.get(k) for k in ("tool_calls", *REASONING_KEYS)):
         return ""  # a turn of tool calls or of reasoning alone
     if isinstance(c, list):  # OpenAI content parts; text parts are joined by newlines
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in c):
             raise BadSample("wrong_type", f"messages[{j}].content: only parts of type text are supported")
         return "\n".join(p["text"] for p in c)
     if not isinstance(c, str):
-        raise BadSample("wrong_type", f"messages[{j}].content must be a string or a list of text parts, got "
-                                      f"{type(c).__name__}")
+        raise BadSample("wrong_type", f"messages[{j}].content must be a string or a list of text "
+                        f"parts, got {type(c).__name__}")
     return c
 
 
 def normalize(messages) -> list[dict]:
-    """Checks roles and types and returns template-ready copies: content as a string, None-valued keys (Arrow's
-    filler for absent fields) removed. A message's `train: false` is kept for the masking."""
+    """Checks roles and types; returns template-ready copies: content a string, None-valued keys
+    (Arrow's filler for absent fields) removed, `train: false` kept for the masking."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadSample("wrong_type", "messages must be a list of objects")
     if not messages:
@@ -191,11 +194,11 @@ def normalize(messages) -> list[dict]:
     out = []
     for j, m in enumerate(messages):
         if m.get("role") not in ROLES:
-            raise BadSample("unknown_role", f"messages[{j}] has role {m.get('role')!r}; expected one of "
-                                            f"{', '.join(ROLES)}")
+            raise BadSample("unknown_role", f"messages[{j}] has role {m.get('role')!r}; "
+                            f"expected one of {', '.join(ROLES)}")
         m = {k: v for k, v in m.items() if v is not None} | {"content": _content(m, j)}
-        reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
-        if reasoning is not None:  # under both names templates read it by, as apply_chat_template passes it
+        reasoning = next((m[k] for k in REASONING_KEYS if k in m), None)
+        if reasoning is not None:  # both names templates read, as apply_chat_template passes it
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
         for key, tp in (("tool_calls", list), ("reasoning_content", str), ("train", bool)):
             if key in m and not isinstance(m[key], tp):
@@ -210,28 +213,25 @@ def normalize(messages) -> list[dict]:
 
 # ---- masks for any chat template ----
 
-_FOOTERS: dict[str, str] = {}  # chat template -> what it writes after the last message only (Phi: its EOS)
+_FOOTERS: dict[str, str] = {}  # chat template -> its text after the last message only (Phi's EOS)
 
 
 def _render(tokenizer, messages, tools, generation_prompt=False) -> str:
-    """What tokenizer.apply_chat_template(messages, tokenize=False) returns for `normalize`d messages, from the
-    template it compiles (and caches), without re-checking and copying the messages on each of the several
-    renders of a conversation."""
+    """apply_chat_template(messages, tokenize=False) of `normalize`d messages, from the compiled
+    (cached) template, without re-checking and copying them on each of a conversation's renders."""
     from transformers.utils.chat_template_utils import _compile_jinja_template
-
     try:
         return _compile_jinja_template(tokenizer.chat_template).render(
-            messages=[{k: v for k, v in m.items() if k != "train"} for m in messages], tools=tools, documents=None,
-            add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
+            messages=[{k: v for k, v in m.items() if k != "train"} for m in messages], tools=tools,
+            documents=None, add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
     except Exception as e:  # jinja's TemplateError, or any error the template's own code raises
         raise BadSample("template_error", f"the chat template raised: {e}") from None
 
 
 def _footer(tokenizer) -> str:
-    """Text a template writes after the last message of a finished conversation but not before a generation
-    prompt (Phi-3.5 appends its EOS): it follows no turn at inference, so it is not part of any answer. Probed
-    on a conversation that ends with a user turn, since some templates end a last assistant turn differently
-    (gpt-oss: <|return|>, not <|end|>)."""
+    """Text a template writes after a finished chat's last message, not before a generation prompt
+    (Phi-3.5: its EOS): it follows no turn at inference, so no answer holds it. Probed after a user
+    turn: some templates end a last assistant turn otherwise (gpt-oss: <|return|>, not <|end|>)."""
     if tokenizer.chat_template not in _FOOTERS:
         probe = [{"role": "user", "content": "1"}]
         try:
@@ -252,28 +252,28 @@ def _finished(tokenizer, messages, tools) -> str:
 
 
 def _turn(tokenizer, messages, i, tools) -> tuple[str, str]:
-    """(prompt, answer) of assistant turn i as inference sees it: the prompt is the history rendered with the
-    generation prompt; the answer is what the template writes after it for this turn when it comes last (its
-    content, reasoning, tool calls and end-of-turn tokens), without trailing whitespace, which is not generated."""
+    """(prompt, answer) of assistant turn i as inference sees it. The prompt: the history and the
+    generation prompt. The answer: what the template then writes for this turn when last (content,
+    reasoning, tool calls, end-of-turn tokens), less trailing whitespace, which is not generated."""
     prompt = _render(tokenizer, messages[:i], tools, True)
     done = _finished(tokenizer, messages[:i + 1], tools)
     if done.startswith(prompt):
         return prompt, done[len(prompt):].rstrip()
-    # The template rewrites the history when an assistant turn comes last. Mistral moves the system text into the
-    # last user turn (and drops it when an assistant turn is last): the answer is the same without it.
+    # The template rewrites the history when an assistant turn is last (Mistral moves the system
+    # text into the last user turn, or drops it): the answer is the same without the system text.
     kept = [m for m in messages[:i + 1] if m["role"] != "system"]
     if len(kept) <= i:
         p, d = _render(tokenizer, kept[:-1], tools, True), _finished(tokenizer, kept, tools)
         if d.startswith(p):
             return prompt, d[len(p):].rstrip()
-    # DeepSeek-R1's generation prompt opens "<think>\n", which a finished turn never renders: the answer is the
-    # finished turn after what it shares with the generation prompt.
+    # DeepSeek-R1's generation prompt opens "<think>\n", which a finished turn never renders: the
+    # answer is the finished turn after what it shares with the generation prompt.
     history = _render(tokenizer, messages[:i], tools)
     if done.startswith(history) and prompt.startswith(history):
         header, rendered = prompt[len(history):], done[len(history):]
         return prompt, rendered[len(os.path.commonprefix([header, rendered])):].rstrip()
-    raise BadSample("template_error", f"messages[{i}]: the chat template renders this turn's history differently "
-                                      "from its generation prompt; the answer cannot be located")
+    raise BadSample("template_error", f"messages[{i}]: the chat template renders this turn's "
+                    "history differently from its generation prompt; the answer cannot be located")
 
 
 def _visible(text: str, haystack: str) -> bool:
@@ -282,26 +282,26 @@ def _visible(text: str, haystack: str) -> bool:
 
 
 def _check_nothing_lost(messages, last: int, text: str, answers: dict[int, str]):
-    """Every message up to `last` must be in the sample's text, and the reasoning of each trained turn in its
-    answer; else the template dropped it and the turn would be trained without it."""
+    """Every message up to `last` must be in the sample's text, and each trained turn's reasoning in
+    its answer; else the template dropped it and the turn would be trained without it."""
     for j, m in enumerate(messages[:last + 1]):
         content = m["content"].split("</think>")[-1] if m["role"] == "assistant" else m["content"]
         calls = [c["function"].get("name", "") for c in m.get("tool_calls", []) if isinstance(c.get("function"), dict)]
         if not all(_visible(x, answers.get(j, text)) for x in calls) or not _visible(content, text):
-            raise BadSample("template_drops_message", f"messages[{j}] ({m['role']}) is not in the rendered text: "
-                                                      "the chat template leaves it (or its tool call) out; it "
-                                                      "would be lost")
+            raise BadSample("template_drops_message", f"messages[{j}] ({m['role']}) is not in "
+                            "the rendered text: the chat template leaves it (or its tool call) "
+                            "out; it would be lost")
         if j in answers:
             inline = m["content"].split("</think>")[0].replace("<think>", "") if "</think>" in m["content"] else ""
             if not _visible(m.get("reasoning_content", inline), answers[j]):
-                raise BadSample("template_drops_message", f"messages[{j}]: the chat template does not render its "
-                                                          "reasoning in the answer; it would be lost")
+                raise BadSample("template_drops_message", f"messages[{j}]: the chat template "
+                                "does not render its reasoning in the answer; it would be lost")
 
 
 def _unmasked(context: str, messages: list[dict]) -> list[tuple[str, bool]]:
-    """`context` as pieces in which each message's content is trained: InstructLab's `unmask: true` for user and
-    tool turns, which trains the tokens between the markers it wraps each content in, not the role headers or
-    end-of-turn tokens around it (data_process.py, unmask_messages, instructlab/training fa5b53b)."""
+    """`context` as pieces, each message's content trained, as InstructLab's `unmask: true` trains
+    user and tool turns: the tokens between the markers it wraps each content in, not role headers
+    or end-of-turn tokens (data_process.py, unmask_messages, instructlab/training fa5b53b)."""
     pieces, at = [], 0
     for m in messages:
         content = m["content"].strip()
@@ -309,8 +309,8 @@ def _unmasked(context: str, messages: list[dict]) -> list[tuple[str, bool]]:
         if not content:
             continue
         if k < 0:
-            raise BadSample("template_drops_message", f"a {m['role']} message is not in the rendered text as "
-                                                      "written, so unmask: true cannot train it")
+            raise BadSample("template_drops_message", f"a {m['role']} message is not in the "
+                            "rendered text as written, so unmask: true cannot train it")
         pieces += [(context[at:k], False), (content, True)]
         at = k + len(content)
     return pieces + [(context[at:], False)]
@@ -318,14 +318,14 @@ def _unmasked(context: str, messages: list[dict]) -> list[tuple[str, bool]]:
 
 def conversation_pieces(messages: list[dict], tokenizer, tools=None, unmask: bool = False
                         ) -> list[list[tuple[str, bool]]]:
-    """The masking rule: each trained assistant turn is trained once, on its inference view (`_turn`). One
-    sample holds the last trained turn's view and, in place, every earlier turn whose view is a prefix of it;
-    a turn the template renders differently once later turns follow (stripped reasoning, a moved system text,
-    another end token) starts a sample of its own. Returns samples as [(text, trained)] pieces; messages after
-    the last trained turn train nothing and are left out. `unmask`: the content of every user and tool message
-    is trained too, once, in the sample of the first trained turn after it."""
+    """The masking rule: each trained assistant turn is trained once, on its inference view
+    (`_turn`). A sample holds the last trained turn's view and, in place, each earlier turn whose
+    view is a prefix of it; a turn rendered differently once later turns follow (stripped reasoning,
+    a moved system text, another end token) starts its own sample. Returns samples as lists of
+    (text, trained) pieces, without messages after the last trained turn. `unmask`: each user and
+    tool message's content is trained too, once, in the next trained turn's sample."""
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
-    own = {i: [messages[j] for j in range(before + 1, i) if messages[j]["role"] in ("user", "tool")]
+    own = {i: [m for m in messages[before + 1:i] if m["role"] in ("user", "tool")]
            for before, i in zip([-1] + trained, trained)} if unmask else {}
     views = [(i, *_turn(tokenizer, messages, i, tools)) for i in trained]
     samples = []
@@ -361,38 +361,38 @@ def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
         raise BadSample("wrong_type", f"expected a JSON object, got {type(record).__name__}")
     if fmt == "text":
         return _document(_need(record, "text", str), tokenizer, False)
-    if fmt == "document":  # InstructLab's continual pretraining: encoded with the special tokens (a BOS where the
-        #   tokenizer adds one), EOS appended (data_process.py, process_documents_for_pretraining)
+    # InstructLab's continual pretraining (data_process.py, process_documents_for_pretraining)
+    if fmt == "document":
         return _document(_need(record, "document", str), tokenizer, _adds_bos(tokenizer))
     tools = record.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadSample("wrong_type", '"tools" must be a list of tool definitions')
     messages = FORMATS[fmt](record)
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
-    if "pretrain" in roles:  # mini_trainer's: the one message's content and EOS, all trained (process_data.py)
+    if "pretrain" in roles:  # mini_trainer's (process_data.py): its content and EOS, all trained
         if len(messages) != 1 or not isinstance(messages[0].get("content"), str):
             raise BadSample("wrong_type", 'a "pretrain" message must be the only one, with a string content')
         return _document(messages[0]["content"], tokenizer, False)
-    # InstructLab trains every role but system of a record with a truthy `unmask` (unmask_sample), and of every
-    # record that had a "pretraining" message (ensure_dataset_is_compatible_with_legacy_format)
+    # InstructLab trains every role but system in a record with a truthy `unmask` (unmask_sample)
+    # or that had a "pretraining" message (ensure_dataset_is_compatible_with_legacy_format)
     unmask = bool(record.get("unmask")) or "pretraining" in roles
     return conversation_pieces(normalize(_from_pretraining(messages)), tokenizer, tools, unmask)
 
 
-_BOS: dict[int, bool] = {}  # id(tokenizer) -> whether encoding with special tokens starts with its BOS
+_BOS: dict[int, bool] = {}  # id(tokenizer) -> whether encoding with special tokens starts with BOS
 
 
 def _adds_bos(tokenizer) -> bool:
     if id(tokenizer) not in _BOS:
-        ids = tokenizer("x")["input_ids"]
-        _BOS[id(tokenizer)] = tokenizer.bos_token is not None and ids[:1] == [tokenizer.bos_token_id]
+        first = tokenizer("x")["input_ids"][:1]
+        _BOS[id(tokenizer)] = tokenizer.bos_token is not None and first == [tokenizer.bos_token_id]
     return _BOS[id(tokenizer)]
 
 
 def _pretokenized(record, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(input_ids, loss_mask, is a document) of a pre-tokenized record, exactly as given: labels aligned with
-    input_ids (-100: not trained, else the input id), as InstructLab's and mini_trainer's processed data hold them;
-    without labels, a document whose every token is trained."""
+    """(input_ids, loss_mask, is a document) of a pre-tokenized record, exactly as given: labels
+    aligned with input_ids (-100: not trained, else the input id), as InstructLab's and
+    mini_trainer's processed data hold them; without labels, a document, every token trained."""
     if not isinstance(record, dict):
         raise BadSample("wrong_type", f"expected a JSON object, got {type(record).__name__}")
     ids = np.asarray(_need(record, "input_ids", list))
@@ -401,8 +401,8 @@ def _pretokenized(record, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
     outside = np.flatnonzero((ids < 0) | (ids >= vocab))
     if len(outside):
         i = int(outside[0])
-        raise BadSample("outside_vocabulary", f"input_ids[{i}] = {ids[i]} is outside the tokenizer's vocabulary "
-                                              f"(0-{vocab - 1}); was it tokenized for another model?")
+        raise BadSample("outside_vocabulary", f"input_ids[{i}] = {ids[i]} is outside the tokenizer's "
+                        f"vocabulary (0-{vocab - 1}); was it tokenized for another model?")
     if record.get("len") is not None and record["len"] != len(ids):
         raise BadSample("wrong_length", f'"len" is {record["len"]} but input_ids holds {len(ids)} tokens')
     if record.get("labels") is None:
@@ -414,21 +414,22 @@ def _pretokenized(record, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
     wrong = np.flatnonzero(trained & (labels != ids))
     if len(wrong):
         i, shifted = int(wrong[0]), trained[:-1] & (labels[:-1] == ids[1:])
-        hint = ("the file holds next-token labels (labels[i] = input_ids[i + 1]); write them aligned, labels[i] = "
-                "input_ids[i]" if shifted.sum() >= trained[:-1].sum() else "each label must be -100 or its input id")
-        raise BadSample("wrong_labels", f"labels[{i}] = {labels[i]} is neither -100 nor input_ids[{i}] = {ids[i]}: "
-                                        + hint)
+        hint = ("the file holds next-token labels (labels[i] = input_ids[i + 1]); write them "
+                "aligned, labels[i] = input_ids[i]" if shifted.sum() >= trained[:-1].sum()
+                else "each label must be -100 or its input id")
+        raise BadSample("wrong_labels", f"labels[{i}] = {labels[i]} is neither -100 nor "
+                        f"input_ids[{i}] = {ids[i]}: {hint}")
     counted = record.get("num_loss_counted_tokens")
     if counted is not None and counted != trained.sum():
-        raise BadSample("wrong_length", f'"num_loss_counted_tokens" is {counted} but the labels train '
-                                        f"{trained.sum()} tokens")
+        raise BadSample("wrong_length", f'"num_loss_counted_tokens" is {counted} but the '
+                        f"labels train {trained.sum()} tokens")
     return ids, trained.astype(np.uint8), False
 
 
 def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pieces -> (input_ids, loss_mask) of all samples end to end and the samples' offsets (n + 1), from one batch
-    call of the tokenizer (a fast tokenizer's own, which skips offsets and per-text wrappers). Pieces are tokenized
-    separately, so token boundaries are those of inference (the prompt is tokenized, the answer generated)."""
+    """Pieces -> (input_ids, loss_mask) of all samples end to end and their offsets (n + 1), from
+    one batch call of the tokenizer (a fast one's own: no offsets, no per-text wrappers). Pieces are
+    tokenized apart, so token boundaries are inference's (prompt tokenized, answer generated)."""
     texts = [text for s in samples for text, _ in s]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not texts:
@@ -445,9 +446,9 @@ def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarra
 
 
 def tokenize_sample(sample: dict, tokenizer, fmt: str | None = None) -> dict | list[dict]:
-    """One record (of any format in FORMATS; detected when `fmt` is None) -> {"input_ids": [...], "labels": [...]},
-    labels aligned with input_ids (not shifted), -100 where not trained; or a list of such dicts when the masking
-    rule makes several samples of one conversation. Raises BadSample."""
+    """One record (any format in FORMATS; detected when `fmt` is None) -> {"input_ids": [...],
+    "labels": [...]}, labels aligned with input_ids (not shifted), -100 where not trained; a list of
+    them when the masking rule makes several samples of one conversation. Raises BadSample."""
     ids, mask, offsets = _encode(_pieces(sample, tokenizer, fmt or detect_format(sample)), tokenizer)
     labels = np.where(mask.view(bool), ids, -100)
     out = [{"input_ids": ids[a:b].tolist(), "labels": labels[a:b].tolist()} for a, b in zip(offsets, offsets[1:])]
@@ -463,12 +464,12 @@ def sources(entries: list) -> list[Source]:
 
 def is_hub_id(path: str) -> bool:
     """Whether a path that does not exist here reads as a Hugging Face Hub id (owner/name)."""
-    return not Path(path).exists() and path.count("/") == 1 and not path.startswith((".", "/", "~")) \
-        and Path(path).suffix not in FILE_TYPES
+    return (not Path(path).exists() and path.count("/") == 1
+            and not path.startswith((".", "/", "~")) and Path(path).suffix not in FILE_TYPES)
 
 
 def check_paths(entries: list, key: str) -> list[str]:
-    """Problems with the sources of `key` that can be seen before reading them: local paths that do not exist."""
+    """Problems with `key`'s sources seen before reading them: local paths that do not exist."""
     return [f"{key}: {src.path} does not exist (and is not a hub dataset id, owner/name)"
             for src in sources(entries) if not Path(src.path).exists() and not is_hub_id(src.path)]
 
@@ -493,37 +494,36 @@ def _is_json_lines(path: Path) -> bool:
 
 
 def _load(src: Source, tmp: Path):
-    """-> (datasets.Dataset, line_based). JSON lines are read as lines (latin-1, so every byte survives and a bad
-    line is reported by number, not as a failed file); other sources as their Arrow rows."""
+    """-> (datasets.Dataset, line_based). JSON lines are read as lines (latin-1: every byte
+    survives, a bad line is reported by number, not as a failed file); others as Arrow rows."""
     import datasets
-
-    path = Path(src.path)
+    path, cache = Path(src.path), str(tmp / "hf")
     try:
         if _is_saved_dataset(path):
             ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
-                ds = ds["train"]
-            return ds, False
+            if isinstance(ds, datasets.DatasetDict) and "train" not in ds:
+                raise DataError(f"{path}: a DatasetDict without a 'train' split ({', '.join(ds)})")
+            return (ds["train"] if isinstance(ds, datasets.DatasetDict) else ds), False
         if not path.exists():
             if not is_hub_id(src.path):
                 raise DataError(f"{src.path}: no such file or directory")
             print(f"{src.path}: not a local path; loading it from the Hugging Face Hub", flush=True)
-            return datasets.load_dataset(src.path, split="train", cache_dir=str(tmp / "hf")), False
+            return datasets.load_dataset(src.path, split="train", cache_dir=cache), False
         files = _files(path)
         kinds = {"jsonl" if f.suffix != ".parquet" and _is_json_lines(f) else FILE_TYPES[f.suffix] for f in files}
         if len(kinds) > 1:
-            raise DataError(f"{path}: mixes {' and '.join(sorted(kinds))} files; list them as separate sources")
-        kind, data_files = kinds.pop(), [str(f) for f in files]
+            raise DataError(f"{path}: mixes {' and '.join(sorted(kinds))} files; list them "
+                            "as separate sources")
+        kind, paths = kinds.pop(), [str(f) for f in files]
         if kind == "jsonl":
-            return datasets.load_dataset("text", data_files=data_files, split="train", encoding="latin-1",
-                                         cache_dir=str(tmp / "hf")), True
-        return datasets.load_dataset(kind, data_files=data_files, split="train", cache_dir=str(tmp / "hf")), False
+            return datasets.load_dataset("text", data_files=paths, split="train",
+                                         encoding="latin-1", cache_dir=cache), True
+        return datasets.load_dataset(kind, data_files=paths, split="train", cache_dir=cache), False
     except DataError:
         raise
-    except Exception as e:  # pyarrow or datasets could not read it: the file is named, the library's reason kept
-        raise DataError(f"{src.path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # pyarrow or datasets cannot read it: name the file, keep their reason
+        raise DataError(f"{src.path}: cannot be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
 
 
 def _parse(raw, line_based: bool):
@@ -540,11 +540,10 @@ def _parse(raw, line_based: bool):
 
 
 def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based: bool, eot: int, max_len: int):
-    """datasets.map function: records -> an Arrow table of output rows (one per sample; one per bad record, with
-    no tokens and its reason; the record keys the format does not read), built from flat arrays for the whole
-    batch. Documents longer than `max_len` become blocks (`_blocks`)."""
+    """datasets.map function: records -> an Arrow table from flat arrays of the whole batch, a row
+    per sample (a bad record's has no tokens and its reason; each names the record keys the format
+    does not read). Documents longer than `max_len` become blocks (`_blocks`)."""
     import pyarrow as pa
-
     keys = list(batch)
     rows, reasons, messages, samples, unused, tokens = [], [], [], [], [], []
     for n, values in zip(indices, zip(*batch.values())):
@@ -564,10 +563,8 @@ def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based:
             tokens += [(np.zeros(0, np.int64), np.zeros(0, np.uint8), False)] * (fmt == "tokens")
         else:  # Arrow rows hold every column, None where a record has no such key
             keys_unused = ",".join(sorted(k for k, v in record.items() if v is not None and k not in USED_KEYS[fmt]))
-        unused += [keys_unused] * len(pieces)
-        rows += [n] * len(pieces)
-        reasons += [reason] * len(pieces)
-        messages += [message] * len(pieces)
+        for col, v in ((rows, n), (reasons, reason), (messages, message), (unused, keys_unused)):
+            col.extend([v] * len(pieces))
         samples += pieces
     if fmt == "tokens":
         lengths = [len(t[0]) for t in tokens]
@@ -577,8 +574,8 @@ def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based:
     else:
         ids, mask, offsets = _encode(samples, tokenizer)
         documents = [all(trained for _, trained in s) for s in samples]
-    ids, mask, offsets, rows, reasons, messages, unused = _blocks(ids, mask, offsets, documents, max_len, rows,
-                                                                  reasons, messages, unused)
+    ids, mask, offsets, rows, reasons, messages, unused = _blocks(
+        ids, mask, offsets, documents, max_len, rows, reasons, messages, unused)
     offsets = offsets.astype(np.int32)
     eots = np.concatenate([[0], np.cumsum((ids == eot) & mask.view(bool))])
     return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
@@ -590,10 +587,10 @@ def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based:
 
 
 def _blocks(ids, mask, offsets, documents, max_len, *per_sample):
-    """Documents (samples whose every token is trained) longer than `max_len` tokens -> blocks of at most `max_len` tokens, each a sample (it attends only
-    within itself) and overlapping the one before by a token, which is its context only: every token of the
-    document is a target exactly once. InstructLab instead cuts the concatenation of all documents into blocks
-    that cross document boundaries (sampler.py, PretrainingBlockDataset). `per_sample` lists follow the blocks."""
+    """Documents (every token trained) longer than `max_len` -> blocks of at most `max_len` tokens,
+    each a sample (attending within itself) overlapping the one before by a token, its context only:
+    each document token is a target once. InstructLab's blocks, cut from all documents joined, cross
+    their boundaries (sampler.py, PretrainingBlockDataset). `per_sample` lists follow the blocks."""
     lengths = np.diff(offsets)
     if not any(d and n > max_len for d, n in zip(documents, lengths)):
         return (ids, mask, offsets, *per_sample)
@@ -611,7 +608,7 @@ def _blocks(ids, mask, offsets, documents, max_len, *per_sample):
 
 
 def _detect(ds, line_based: bool) -> str:
-    """The format of the first record that has one (bad records before it are reported by the map)."""
+    """The format of the first record that has one (the map reports the bad records before it)."""
     problem = "it has no records"
     for i in range(min(len(ds), 1000)):
         raw = ds[i]["text"] if line_based else ds[i]
@@ -625,8 +622,7 @@ def _detect(ds, line_based: bool) -> str:
 
 
 def _eot_token(tokenizer) -> tuple[int, str]:
-    """The token that ends an assistant turn: the last token the template writes after a probe answer, or the
-    tokenizer's EOS when it writes nothing."""
+    """The end-of-turn token: the last the template writes after a probe answer, else the EOS."""
     probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
     try:
         text = _turn(tokenizer, probe, 1, None)[1].removeprefix("2").strip()
@@ -665,13 +661,11 @@ def _source_name(src: Source, names: list[str]) -> str:
 
 
 def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.train_files") -> Path:
-    """Tokenizes the sources (once) into the cache and returns its directory. Each source is mapped by
-    `data.num_proc` processes in batches into Arrow files, then copied batch by batch into the flat arrays, so
-    memory stays bounded. Writes to a temporary directory and renames it, so a crash never leaves a
-    half-written cache behind."""
+    """Tokenizes the sources (once) into the cache; returns its directory. `data.num_proc` processes
+    map each source in batches to Arrow files, copied batch by batch into the flat arrays (bounded
+    memory). Written to a temporary directory, then renamed: no half-written cache after a crash."""
     import datasets
     import pyarrow.compute as pc
-
     srcs = sources(entries)
     if not srcs:
         raise DataError(f"no input: set {key} to a list of data sources (paths or hub ids)")
@@ -684,7 +678,7 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # no network request per load (a 3 s timeout offline)
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # no request per load (a 3 s timeout offline)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -700,10 +694,10 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
             raise DataError(f"{src.path}: {e}") from None
         m = ds.map(_map_batch, batched=True, with_indices=True, remove_columns=ds.column_names,
                    num_proc=min(cfg.num_proc, len(ds)) if cfg.num_proc > 1 else None,
-                   fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "line_based": line_based, "eot": eot,
-                              "max_len": cfg.max_seq_len},
-                   cache_file_name=str(tmp / "hf" / f"mapped-{s}.arrow"), new_fingerprint=f"{out.name}-{s}",
-                   features=datasets.Features({
+                   fn_kwargs={"tokenizer": tokenizer, "fmt": fmt, "line_based": line_based,
+                              "eot": eot, "max_len": cfg.max_seq_len},
+                   cache_file_name=str(tmp / "hf" / f"mapped-{s}.arrow"),
+                   new_fingerprint=f"{out.name}-{s}", features=datasets.Features({
                        "input_ids": datasets.List(datasets.Value("int32")),
                        "loss_mask": datasets.List(datasets.Value("uint8")),
                        "row": datasets.Value("int64"), "reason": datasets.Value("string"),
@@ -717,17 +711,17 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
             i = int(bad[0])
             row = int(table["row"][i].as_py())
             where = f"{src.path}:{row + 1}" if line_based else f"{src.path}:row {row}"
-            raise DataError(f"{where}: {table['message'][i].as_py()} (data.on_bad_sample: skip counts and skips "
-                            "such samples)")
-        too_long = (reasons == "") & (lengths > cfg.max_seq_len)
-        mapped.append((table, (reasons == "") & ~too_long, s))
+            raise DataError(f"{where}: {table['message'][i].as_py()} (data.on_bad_sample: skip "
+                            "counts and skips such samples)")
+        ok = reasons == ""
+        too_long = ok & (lengths > cfg.max_seq_len)
+        mapped.append((table, ok & ~too_long, s, lengths))
         skipped = {str(r): int(n) for r, n in zip(*np.unique(reasons[bad], return_counts=True))}
+        unused = {k for u in pc.unique(table["unused"]).to_pylist() if u for k in u.split(",")}
         meta_sources.append({"name": name, "path": src.path, "format": fmt,
-                             "records": int(len(np.unique(table["row"].to_numpy()))), "skipped": skipped,
+                             "records": len(np.unique(table["row"].to_numpy())), "skipped": skipped,
                              "longer_than_max_seq_len": int(too_long.sum()),
-                             "samples": int(((reasons == "") & ~too_long).sum()),
-                             "unused_keys": sorted({k for u in pc.unique(table["unused"]).to_pylist() if u
-                                                    for k in u.split(",")}),
+                             "samples": int((ok & ~too_long).sum()), "unused_keys": sorted(unused),
                              "trains_eot": int(pc.sum(table["trains_eot"]).as_py() or 0)})
     meta = _meta(meta_sources, *_write(tmp, mapped, cfg), key, eot_text)
     shutil.rmtree(tmp / "hf", ignore_errors=True)
@@ -740,24 +734,20 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
 
 
 def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, int]:
-    """Copies the kept samples of every mapped source, in order, into the flat arrays of the cache; returns the
-    samples' lengths and the number of tokens the mask trains."""
-    import pyarrow.compute as pc
-
-    lengths = np.concatenate([pc.list_value_length(t["input_ids"]).to_numpy(zero_copy_only=False)[keep]
-                              for t, keep, _ in mapped]).astype(np.int64)
+    """Writes the kept samples in order to the flat arrays; returns (lengths, trained tokens)."""
+    lengths = np.concatenate([n[keep] for _, keep, _, n in mapped]).astype(np.int64)
     if not len(lengths):
-        raise DataError(f"no sample left to train (all skipped or longer than data.max_seq_len={cfg.max_seq_len})")
+        raise DataError("no sample left to train (all skipped or longer than "
+                        f"data.max_seq_len={cfg.max_seq_len})")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids, mask = (_npy_file(tmp / name, dtype, int(offsets[-1])) for name, dtype in (("input_ids.npy", np.int32),
-                                                                                    ("loss_mask.npy", np.uint8)))
+    ids = _npy_file(tmp / "input_ids.npy", np.int32, int(offsets[-1]))
+    mask = _npy_file(tmp / "loss_mask.npy", np.uint8, int(offsets[-1]))
     trained, source = 0, []
-    for table, keep, s in mapped:
+    for table, keep, s, _ in mapped:
         start = 0
         for batch in table.to_batches(max_chunksize=4096):
-            k = keep[start:start + len(batch)]
             start += len(batch)
-            batch = batch.filter(k)
+            batch = batch.filter(keep[start - len(batch):start])
             if not len(batch):
                 continue
             flat_ids = batch["input_ids"].flatten().to_numpy()
@@ -773,33 +763,33 @@ def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, int]:
 
 
 def _npy_file(path: Path, dtype, n: int):
-    """An open .npy file of n values, its header written: the values are appended as they come (written, not
-    memory-mapped, so they do not stay resident in this process)."""
+    """An open .npy file of n values, its header written: the values are appended as they come
+    (written, not memory-mapped, so they do not stay resident in this process)."""
     f = open(path, "wb")
-    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                             "fortran_order": False, "shape": (n,)})
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": (n,)})
     return f
 
 
 def _meta(sources: list[dict], lengths: np.ndarray, trained: int, key: str, eot_text: str) -> dict:
-    chats = [s for s in sources if s["format"] not in ("text", "document", "tokens")]  # documents have no turns
+    chats = [s for s in sources if s["format"] not in ("text", "document", "tokens")]
     if chats and not sum(s["trains_eot"] for s in chats):
-        raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model would never "
-                        "learn to stop; check the chat template (it must write an end-of-turn token after each "
-                        "assistant message)")
+        raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model "
+                        "would never learn to stop; check the chat template (it must write an "
+                        "end-of-turn token after each assistant message)")
     skipped = {}
     for s in sources:
         for reason, n in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+    dropped = sum(s["longer_than_max_seq_len"] for s in sources)
+    percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}
     return {"sources": sources, "samples": len(lengths), "skipped": skipped,
-            "dropped": {"longer_than_max_seq_len": sum(s["longer_than_max_seq_len"] for s in sources)},
-            "tokens": int(lengths.sum()), "trained_tokens": trained,
-            "end_of_turn": eot_text,
-            "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}}
+            "dropped": {"longer_than_max_seq_len": dropped}, "tokens": int(lengths.sum()),
+            "trained_tokens": trained, "end_of_turn": eot_text, "length_percentiles": percentiles}
 
 
 class TokenCache:
-    """Read-only, memory-mapped view of a cache directory; `cache[i]` -> (input_ids, loss_mask) numpy views."""
+    """Memory-mapped cache directory; `cache[i]` -> read-only (input_ids, loss_mask) numpy views."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -821,16 +811,16 @@ class TokenCache:
 
 def summary(cache: TokenCache) -> str:
     m = cache.meta
-    lines = [f"tokenized {len(m['sources'])} source(s): {m['samples']:,} samples, {m['tokens']:,} tokens, "
-             f"{m['trained_tokens']:,} trained; lengths " + " ".join(f"{k}={v}" for k, v in
-                                                                   m["length_percentiles"].items())]
+    percentiles = " ".join(f"{k}={v}" for k, v in m["length_percentiles"].items())
+    lines = [f"tokenized {len(m['sources'])} source(s): {m['samples']:,} samples, {m['tokens']:,} "
+             f"tokens, {m['trained_tokens']:,} trained; lengths {percentiles}"]
     for s in m["sources"]:
-        skipped = sum(s["skipped"].values())
-        lines.append(f"  {s['name']} ({s['format']}): {s['records']:,} records -> "
-                     f"{s['samples']:,} samples; skipped {skipped}"
-                     + (f" ({', '.join(f'{k}: {v}' for k, v in s['skipped'].items())})" if skipped else "")
+        skipped, unused = sum(s["skipped"].values()), ", ".join(s["unused_keys"])
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped"].items())
+        lines.append(f"  {s['name']} ({s['format']}): {s['records']:,} records -> {s['samples']:,} "
+                     f"samples; skipped {skipped}" + (f" ({reasons})" if skipped else "")
                      + f"; longer than max_seq_len {s['longer_than_max_seq_len']}"
-                     + (f"; unused keys: {', '.join(s['unused_keys'])}" if s["unused_keys"] else ""))
+                     + (f"; unused keys: {unused}" if s["unused_keys"] else ""))
     return "\n".join(lines + [f"cache: {cache.path}"])
 
 

@@ -1,17 +1,18 @@
 """Supervised fine-tuning of a Hugging Face causal LM on packed, padding-free batches.
 
     torchrun --nproc_per_node=N train.py --config configs/quickstart.yaml [--section.key=value ...]
-    python train.py --config configs/quickstart.yaml                      # a single process, no torchrun
-    python train.py --config configs/quickstart.yaml --check              # validate only, print the config
+    python train.py --config configs/quickstart.yaml            # a single process, no torchrun
+    python train.py --config configs/quickstart.yaml --check    # validate only, print the config
 
-Stages, in order: tokenize_data -> sampler -> model_setup -> sharding -> this loop -> checkpoint, with
-logging_utils throughout. Swap points here: `build_optimizer` and `lr_at`.
+Stages, in order: tokenize_data -> sampler -> model_setup -> sharding -> this loop -> checkpoint,
+with logging_utils throughout. Swap points here: `build_optimizer` and `lr_at`.
 """
 
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +34,9 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped early, run again t
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, weight decay on matrices only; the fused kernel on CPU and CUDA (one kernel for all parameters: 4x
-    faster than the per-tensor loop on CPU, BENCHMARKS.md; tests check it equals the unfused one)."""
+    """AdamW, weight decay on matrices only; the fused kernel on CPU and CUDA (one kernel for all
+    parameters: 4x faster than the per-tensor loop on CPU, BENCHMARKS.md; tests check it equals the
+    unfused one)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -47,14 +49,24 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    decay = {"cosine": cosine, "linear": 1 - progress, "constant": 1.0}
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.lr_schedule])
 
 
+def _can_make_dirs_in(path: Path) -> bool:
+    """By making one (removed at once): os.access says yes to root anywhere, /proc included."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=path))
+    except OSError:
+        return False
+    return True
+
+
 def check(cfg: config.Config, launch: bool = True) -> list[str]:
-    """What config.load cannot see: settings that cannot work together, the files the run reads and writes
-    (nothing is created) and, when `launch`, whether this process was launched as the strategy needs. Run before
-    any weights are read or any process group is made, and by --check."""
+    """What config.load cannot see: settings that cannot work together, the files the run reads and
+    writes (nothing is created) and, when `launch`, whether this process was launched as the
+    strategy needs. Run before any weights are read or any process group is made, and by --check."""
     m, sh = cfg.model, cfg.sharding
     problems = [msg for bad, msg in [
         (m.load_in_4bit and m.random_init, "model.load_in_4bit quantizes weights as they are read: set "
@@ -93,30 +105,25 @@ def check(cfg: config.Config, launch: bool = True) -> list[str]:
         problems.append(f"train.heldout_file: {cfg.train.heldout_file} does not exist; set it to '' to skip")
     out = Path(cfg.train.output_dir)
     there = next(p for p in [out, *out.parents] if p.exists())  # what mkdir would create it in
-    if not there.is_dir() or not os.access(there, os.W_OK):
+    if not there.is_dir() or not _can_make_dirs_in(there):
         problems.append(f"train.output_dir: {out} cannot be written ({there} is not a writable directory); "
                         "choose another directory")
     return problems
 
 
-# A resumed run must go on training the same model on the same data in the same order; anything else may change
-# (and is printed). The data itself is compared through the token cache's fingerprint; DeepSpeed checkpoints are
-# its own format (fsdp2 and none read each other's).
-RESUME_MUST_MATCH = ("model.path", "model.random_init", "model.load_in_4bit", "sharding.lora_rank",
-                     "sharding.lora_target_modules", "sampler.batch_size", "train.seed", "data.train_files")
-
-
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batches: list, n_eval: float,
-             d: sharding.Dist) -> float:
-    """Token-weighted loss over the whole eval set: sum of its token losses / its supervised tokens (`n_eval`)."""
+def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batches: list,
+             n_eval: float, d: sharding.Dist) -> float:
+    """Token-weighted loss over the whole eval set: sum of its token losses / its supervised tokens
+    (`n_eval`)."""
     model.eval()
     loss_sum = torch.zeros((), device=d.device)
     for mb in micro_batches:
         batch = sampler.collate([cache[i] for i in mb], d.device)
         del batch["loss_seg"]
         result = model(**batch)
-        loss_sum += result["loss"] - sum(result["terms"].values())  # the main loss, without extra terms
+        # the main loss, without the extra terms
+        loss_sum += result["loss"] - sum(result["terms"].values())
     model.train()
     if d.world_size > 1:
         dist.all_reduce(loss_sum)
@@ -124,7 +131,8 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
 
 
 def _on_rank0(d: sharding.Dist, work, error: type):
-    """`work()` on rank 0 alone, its result on every rank; an `error` it raises ends every rank with its message."""
+    """`work()` on rank 0 alone, its result on every rank; an `error` it raises ends every rank with
+    its message."""
     result = None
     if d.rank == 0:
         try:
@@ -137,59 +145,56 @@ def _on_rank0(d: sharding.Dist, work, error: type):
     return result
 
 
-def _resume_point(out: Path, cfg: config.Config, cache: tokenize_data.TokenCache, d: sharding.Dist) -> tuple | None:
-    """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint cannot continue
-    this run. Prints every setting that changed since it was saved."""
+def _resume_point(out: Path, cfg: config.Config, cache: tokenize_data.TokenCache, d: sharding.Dist):
+    """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint
+    cannot continue this run. Prints every setting that changed since it was saved."""
     # one rank verifies the checkpoints (and sets a damaged one aside); all get its choice
     found = _on_rank0(d, lambda: checkpoint.find(out, cfg.checkpoint), checkpoint.ResumeError)
     if not found:
         return None
     path, state = found
-    flat = lambda c: {f"{s}.{k}": v for s, kv in c.items() for k, v in kv.items()}  # noqa: E731
-    old, new = flat(state["config"]), flat(config.to_dict(cfg))
-    changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
-    bad = [f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()
-           if k in RESUME_MUST_MATCH or (k == "sharding.strategy" and "deepspeed" in (a, b))]
-    if state["data"] != cache.path.name:
-        bad.append(f"data: the token cache differs ({state['data']} in the checkpoint, {cache.path.name} now): "
-                   "other data.train_files (paths or content), data.max_seq_len or tokenizer")
+    bad, changed = checkpoint.compare(state, config.to_dict(cfg), cache.path.name)
     if bad:
-        sys.exit(f"error: cannot resume from {path}:\n  " + "\n  ".join(bad) + "\n  set them back, or set "
-                 "checkpoint.resume: never to start afresh")
+        sys.exit(f"error: cannot resume from {path}:\n  " + "\n  ".join(bad)
+                 + "\n  set them back, or set checkpoint.resume: never to start afresh")
+    changes = "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
     print0(f"resuming from {path} at step {state['step']} (saved by {state['world_size']} rank(s))"
-           + "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()), rank=d.rank)
+           + changes, rank=d.rank)
     return path, state
 
 
 def _self_check(model: torch.nn.Module, cfg: config.Config, cache: tokenize_data.TokenCache,
                 plan: sampler.MultipackPlan, d: sharding.Dist):
-    """Exits unless the model as it trains computes on a packed row of the run's own samples (the 4 shortest of
-    the first step that have a target) what the family's own forward computes on each sample alone."""
+    """Exits unless the model as it trains computes, on a packed row of the 4 shortest samples of
+    the first step that have a target, what the family's own forward computes on each alone."""
     first = [int(i) for i in plan.step_samples(0, 0) if cache[i][1][1:].any()]
-    chosen = sorted(first, key=lambda i: cache.lengths[i])[:4]
-    batch = sampler.collate([cache[i] for i in chosen], d.device)
+    shortest = sorted(first, key=lambda i: cache.lengths[i])[:4]
+    batch = sampler.collate([cache[i] for i in shortest], d.device)
     del batch["loss_seg"]
     t0 = time.perf_counter()
     diff = torch.tensor(model_setup.self_check(model, batch), device=d.device)
     if d.world_size > 1:  # every rank decides alike
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     dtype = cfg.model.dtype if cfg.sharding.strategy == "none" else cfg.sharding.compute_dtype
-    tolerance = model_setup.SELF_CHECK_TOLERANCE[dtype]
-    family = getattr(model, "module", model).lm.config.model_type  # DeepSpeed's engine holds ours as .module
+    tolerance, n = model_setup.SELF_CHECK_TOLERANCE[dtype], len(batch["cu_seqlens"]) - 1
+    family = getattr(model, "module", model).lm.config.model_type  # DeepSpeed's engine: .module
     if not diff <= tolerance:  # NaN too
-        sys.exit(f"error: model {family}: a packed row of {len(chosen)} of the run's samples differs from the "
-                 f"family's own forward of each by {diff:.1e} (largest token loss difference, relative; {dtype} "
-                 f"allows {tolerance:.0e}): its loss would be trained wrong. Not supported yet; "
-                 "model.self_check: false trains it anyway")
-    print0(f"self-check: {family}, a packed row of {len(chosen)} samples ({int(batch['cu_seqlens'][-1])} tokens) "
-           f"equals the family's own forward within {diff:.1e} (allowed {tolerance:.0e}), "
-           f"{time.perf_counter() - t0:.2f}s", rank=d.rank)
+        sys.exit(f"error: model {family}: a packed row of {n} of the run's samples differs from "
+                 f"the family's own forward of each by {diff:.1e} (largest token loss difference, "
+                 f"relative; {dtype} allows {tolerance:.0e}): its loss would be trained wrong. Not "
+                 "supported yet; model.self_check: false trains it anyway")
+    tokens, seconds = int(batch["cu_seqlens"][-1]), time.perf_counter() - t0
+    print0(f"self-check: {family}, a packed row of {n} samples ({tokens} tokens) equals the "
+           f"family's own forward within {diff:.1e} (allowed {tolerance:.0e}), {seconds:.2f}s",
+           rank=d.rank)
 
 
-def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding.Dist) -> tokenize_data.TokenCache:
-    """The cache of the files listed under `key`. Rank 0 tokenizes (or finds the cache); the others wait, then
-    all memory-map it."""
-    path = _on_rank0(d, lambda: tokenize_data.build_cache(getattr(cfg, key), tokenizer, cfg, f"data.{key}"),
+def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding.Dist
+                 ) -> tokenize_data.TokenCache:
+    """The cache of the files listed under `key`. Rank 0 tokenizes (or finds the cache); the others
+    wait, then all memory-map it."""
+    files = getattr(cfg, key)
+    path = _on_rank0(d, lambda: tokenize_data.build_cache(files, tokenizer, cfg, f"data.{key}"),
                      tokenize_data.DataError)
     cache = tokenize_data.TokenCache(path)
     print0(tokenize_data.summary(cache), rank=d.rank)
@@ -210,19 +215,23 @@ def main(argv: list[str]):
     d = sharding.init_distributed(cfg.train.collective_timeout_s)
     try:
         _train(cfg, d)
-    except RuntimeError as e:  # a collective that timed out or lost a rank ends the job, naming where
+    # a collective that timed out or lost a rank ends the job, naming where
+    except RuntimeError as e:
         if not sharding.collective_failed(e):
             raise
-        sys.exit(f"error: rank {d.rank} at step {WHERE['step']} ({WHERE['phase']}): a collective failed "
-                 f"({str(e).splitlines()[0][-200:]}); another rank stalled or died (see its output), or "
-                 f"train.collective_timeout_s={cfg.train.collective_timeout_s:g} is too short")
+        timeout = cfg.train.collective_timeout_s
+        sys.exit(f"error: rank {d.rank} at step {WHERE['step']} ({WHERE['phase']}): a collective "
+                 f"failed ({str(e).splitlines()[0][-200:]}); another rank stalled or died (see its "
+                 f"output), or train.collective_timeout_s={timeout:g} is too short")
 
 
-WHERE = {"step": 0, "phase": "set-up"}  # what the loop is doing, for the message when a collective fails
+# what the loop is doing, for the message when a collective fails
+WHERE = {"step": 0, "phase": "set-up"}
 
 
 def _train(cfg: config.Config, d: sharding.Dist):
-    """The run, once the settings and paths are checked and the process group exists: data, model, loop, export."""
+    """The run, once the settings and paths are checked and the process group exists: data, model,
+    loop, export."""
     tc = cfg.train
     out = Path(tc.output_dir)
     if d.rank == 0:
@@ -238,7 +247,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
     eval_cache = _token_cache(cfg.data, "eval_files", tokenizer, d) if cfg.data.eval_files else None
     weights = [s.weight for s in tokenize_data.sources(cfg.data.train_files)]
     try:
-        plan = sampler.MultipackPlan(cache.lengths, cfg.sampler, d.world_size, tc.seed, cache.source, weights)
+        plan = sampler.MultipackPlan(cache.lengths, cfg.sampler, d.world_size, tc.seed,
+                                     cache.source, weights)
     except ValueError as e:  # a sample longer than the micro-batch cap
         sys.exit(f"error: {e}")
     resume = _resume_point(out, cfg, cache, d)
@@ -246,26 +256,30 @@ def _train(cfg: config.Config, d: sharding.Dist):
         plan.load_state_dict(resume[1].get("sampler", {}))
     total_steps = tc.max_steps or plan.total_steps(tc.epochs)
     cap = cfg.sampler.max_tokens_per_rank
-    print0(f"{plan.samples_per_epoch} samples / {cfg.sampler.batch_size} per step = {plan.steps_in_epoch(0)} steps "
-           f"in the first epoch; {total_steps} steps; micro-batches of <= {cap} tokens per rank", rank=d.rank)
-    # seeded just before the model is built, so nothing the data stage does on rank 0 alone can leave the ranks'
-    # random init (weights, LoRA adapters) in different RNG states
+    print0(f"{plan.samples_per_epoch} samples / {cfg.sampler.batch_size} per step = "
+           f"{plan.steps_in_epoch(0)} steps in the first epoch; {total_steps} steps; "
+           f"micro-batches of <= {cap} tokens per rank", rank=d.rank)
+    # seeded just before the model is built, so nothing the data stage does on rank 0 alone can
+    # leave the ranks' random init (weights, LoRA adapters) in different RNG states
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
-    # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their shards
-    # (4-bit weights are read by every rank: they are a quarter of the size, and quantized as they are read)
+    # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their
+    # shards (4-bit weights are read by every rank: they are a quarter of the size, and quantized as
+    # they are read)
     from_rank0 = cfg.sharding.strategy == "fsdp2" and not cfg.model.load_in_4bit
     try:
         model = model_setup.load_model(cfg.model, d.device, on_meta=from_rank0 and d.rank != 0)
-    except (ImportError, ValueError) as e:  # an extra not installed; a model Liger has no kernels for
+    except (ImportError, ValueError) as e:  # an extra not installed; a family Liger lacks
         sys.exit(f"error: {e}")
     if model.note:
         print0(model.note, rank=d.rank)
     model = sharding.shard_model(model, cfg.sharding, d, from_rank0)
     optimizer = build_optimizer(model, tc)
-    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained", rank=d.rank)
-    step_flops = logging_utils.flop_counter(model)  # before DeepSpeed, which hides the shapes under ZeRO-3
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {trained:,} trained",
+           rank=d.rank)
+    # before DeepSpeed, which hides the shapes under ZeRO-3
+    step_flops = logging_utils.flop_counter(model)
     model, optimizer = sharding.attach_optimizer(model, optimizer, cfg.sharding, tc.max_grad_norm)
     state = {"step": 0}
     if resume:
@@ -283,9 +297,11 @@ def _train(cfg: config.Config, d: sharding.Dist):
                                       config.to_dict(cfg), state.get("metrics"))
     noise = logging_utils.NoiseScale(sharding.reduces_in_backward(cfg.sharding), d.world_size) \
         if cfg.logging.noise_scale else None
-    if eval_cache:  # all eval samples in one "step": every rank runs the same number of forward passes
+    # all eval samples in one "step": every rank runs the same number of forward passes
+    if eval_cache:
         eval_cfg = sampler.SamplerConfig(batch_size=len(eval_cache), max_tokens_per_rank=cap)
-        eval_plan = sampler.MultipackPlan(eval_cache.lengths, eval_cfg, d.world_size, tc.seed).plan(0, 0)[d.rank]
+        eval_plan = sampler.MultipackPlan(eval_cache.lengths, eval_cfg, d.world_size, tc.seed)
+        eval_plan = eval_plan.plan(0, 0)[d.rank]
         n_eval = sampler.step_targets([eval_cache[i] for i in range(len(eval_cache))])[2]
     model.train()  # from_pretrained returns eval mode, in which dropout (LoRA's too) is off
 
@@ -296,24 +312,29 @@ def _train(cfg: config.Config, d: sharding.Dist):
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_plan, samples = plan.plan(epoch, k), plan.step_samples(epoch, k)
-        # what the whole step trains (all ranks), by the definition collate uses: the normalizer n_step
+        # what the whole step trains (all ranks), by the definition collate uses: the normalizer
+        # n_step
         counts, sample_weight, n_step = sampler.step_targets([cache[i] for i in samples])
         per_sample = logging_utils.StepLosses(samples, counts, sample_weight, d.device)
-        sums = {"loss_sum": torch.zeros((), device=d.device), "n_trained": 0.0, "noise_parts": torch.zeros(3)}
+        sums = {"loss_sum": torch.zeros((), device=d.device), "n_trained": 0.0,
+                "noise_parts": torch.zeros(3)}
         terms = {}  # the model's extra loss terms (model_setup.PackedCausalLM), summed by name
         data_wait_s, micro_batches = 0.0, step_plan[d.rank]
         WHERE.update(step=step + 1, phase="forward/backward")
         for j, mb in enumerate(micro_batches):
             t_data = time.perf_counter()
             batch = sampler.collate([cache[i] for i in mb], d.device)
-            segment = batch.pop("loss_seg")  # (S,) the sample of each target, within the micro-batch
+            segment = batch.pop("loss_seg")  # (S,) the sample of each target in the micro-batch
             data_wait_s += time.perf_counter() - t_data
             result = model(**batch)
-            # gradients are averaged over ranks (sharding.py), hence * world_size: the step's gradient is that
-            # of sum(token losses of the step, all ranks) / n_step
-            sharding.backward(model, result["loss"] * (d.world_size / (n_step or 1)), j == len(micro_batches) - 1)
-            if noise and j == 0:  # the gradient of the first micro-batch: the small batch of the noise scale
-                sums["noise_parts"] = noise.parts(sharding.grad_sq_norm(model), len(batch["targets"]), n_step)
+            # gradients are averaged over ranks (sharding.py), hence * world_size: the step's
+            # gradient is that of sum(token losses of the step, all ranks) / n_step
+            last = j == len(micro_batches) - 1
+            sharding.backward(model, result["loss"] * (d.world_size / (n_step or 1)), last)
+            # the gradient of the first micro-batch: the small batch of the noise scale
+            if noise and j == 0:
+                sq = sharding.grad_sq_norm(model)
+                sums["noise_parts"] = noise.parts(sq, len(batch["targets"]), n_step)
             per_sample.add(mb, segment, result["token_losses"])
             sums["n_trained"] += len(batch["targets"])
             sums["loss_sum"] += result["loss"].detach() - sum(result["terms"].values())
@@ -322,18 +343,22 @@ def _train(cfg: config.Config, d: sharding.Dist):
         WHERE["phase"] = "reduce"
         sharding.reduce_gradients(model, cfg.sharding, d)
         # one collective for everything the step sums over ranks; global, so all ranks decide alike
-        reduced = sharding.all_reduce_sum(sums | terms | {"stop": float(bool(caught)), "sample_sums": per_sample.sums},
-                                          d)
-        if reduced["n_trained"] != counts.sum():  # the ranks' micro-batches must hold exactly the step's samples
-            raise RuntimeError(f"step {step + 1}: the micro-batches trained {reduced['n_trained']:.0f} targets, the "
-                               f"plan's step has {counts.sum()}: the step plan lost or repeated samples")
+        sums |= terms | {"stop": float(bool(caught)), "sample_sums": per_sample.sums}
+        reduced = sharding.all_reduce_sum(sums, d)
+        # the ranks' micro-batches must hold exactly the step's samples
+        if reduced["n_trained"] != counts.sum():
+            raise RuntimeError(f"step {step + 1}: the micro-batches trained "
+                               f"{reduced['n_trained']:.0f} targets, the plan's step has "
+                               f"{counts.sum()}: the step plan lost or repeated samples")
         loss = reduced["loss_sum"] / (n_step or 1)
         WHERE["phase"] = "step"
-        grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=math.isfinite(loss))
+        update = math.isfinite(loss)
+        grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=update)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
 
-        m = {"step": step + 1, "epoch": round(epoch + k / plan.steps_in_epoch(epoch), 4), "loss": loss, "lr": lr,
-             "grad_norm": grad_norm, "samples": len(samples), "loss_tokens": int(counts.sum()), "finite": finite,
+        m = {"step": step + 1, "epoch": round(epoch + k / plan.steps_in_epoch(epoch), 4),
+             "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples": len(samples),
+             "loss_tokens": int(counts.sum()), "finite": finite,
              "flops": step_flops(cache.lengths[samples]), "step_time_s": time.perf_counter() - t0,
              "data_wait_s": data_wait_s}
         m |= {name: reduced[name] / (n_step or 1) for name in terms}
@@ -347,28 +372,32 @@ def _train(cfg: config.Config, d: sharding.Dist):
         if noise:
             m["noise_scale"] = noise.update(reduced["noise_parts"], grad_norm, n_step)
         last_step, every = step + 1 == total_steps, cfg.checkpoint.save_every_steps
-        if eval_cache and (last_step or (tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0)):
+        evals = tc.eval_every_steps and (step + 1) % tc.eval_every_steps == 0
+        if eval_cache and (last_step or evals):
             WHERE["phase"] = "eval"
             m["eval_loss"] = evaluate(model, eval_cache, eval_plan, n_eval, d)
         log.log(m | sampler.step_stats(step_plan, cache.lengths, cap))
         if not finite:
-            print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update skipped", rank=d.rank)
+            print0(f"step {step + 1}: non-finite loss {loss} or grad norm {grad_norm}; update "
+                   "skipped", rank=d.rank)
         if last_step or reduced["stop"] or (every and (step + 1) % every == 0):
             trainer_state = {"step": step + 1, "metrics": log.state_dict(), "data": cache.path.name,
                              "world_size": d.world_size, "sampler": plan.state_dict()}
             WHERE["phase"] = "save"
             try:
-                path = checkpoint.save(out, step + 1, model, optimizer, trainer_state, config.dump(cfg),
-                                       cfg.checkpoint, d.rank)
+                path = checkpoint.save(out, step + 1, model, optimizer, trainer_state,
+                                       config.dump(cfg), cfg.checkpoint, d.rank)
             except checkpoint.SaveError as e:
                 sys.exit(f"error: {e}")
         if reduced["stop"] and not last_step:
-            print0(f"stopped at step {step + 1} of {total_steps} ({caught.get('signal', 'another rank was signalled')})"
-                   f"; saved {path}; run the same command again to resume", rank=d.rank)
+            why = caught.get("signal", "another rank was signalled")
+            print0(f"stopped at step {step + 1} of {total_steps} ({why}); saved {path}; run the "
+                   "same command again to resume", rank=d.rank)
             sys.exit(PREEMPTED_EXIT_CODE)
 
     WHERE["phase"] = "export"
-    per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, len(cache.source_names))  # after weights
+    # samples of each source per epoch, after the weights
+    per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, len(cache.source_names))
     kept = ("samples", "skipped", "longer_than_max_seq_len", "unused_keys")
     by_source = {s["name"]: {k: s[k] for k in kept} | {"per_epoch": int(n)}
                  for s, n in zip(cache.meta["sources"], per_epoch)}
@@ -377,7 +406,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank, card)
     extra = {"samples_dropped": cache.meta["dropped"], "samples_skipped": cache.meta["skipped"],
              "samples_by_source": by_source, "export": str(hf_dir)}
-    if cfg.model.compile:  # graphs dynamo built: with dynamic shapes a few, however the row lengths vary
+    # graphs dynamo built: with dynamic shapes a few, however the row lengths vary
+    if cfg.model.compile:
         extra["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     if eval_cache:
         extra["eval_samples_dropped"] = eval_cache.meta["dropped"]
@@ -385,9 +415,11 @@ def _train(cfg: config.Config, d: sharding.Dist):
         extra["heldout_exact_match"] = logging_utils.exact_match(str(hf_dir), tc.heldout_file)
         print0(f"held-out exact match: {extra['heldout_exact_match']:.1%} ({tc.heldout_file})")
     summary = log.close(extra)
-    print0(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.1f}s; "
-           f"final loss {summary['final_loss']:.4f}; {sum(cache.meta['skipped'].values())} bad samples skipped, "
-           f"{cache.meta['dropped']['longer_than_max_seq_len']} longer than data.max_seq_len dropped; "
+    skipped, dropped = sum(cache.meta["skipped"].values()), cache.meta["dropped"]
+    print0(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+           f"{summary['wall_s']:.1f}s; "
+           f"final loss {summary['final_loss']:.4f}; {skipped} bad samples skipped, "
+           f"{dropped['longer_than_max_seq_len']} longer than data.max_seq_len dropped; "
            f"exported to {hf_dir}", rank=d.rank)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -64,9 +64,9 @@ def test_loss_prioritized_sampler_draws_high_loss_samples_more_often():
 def test_sign_compressed_gradients_send_int8_signs_and_one_scale(monkeypatch):
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
     sent = []
-    all_reduce, reduce_scatter = dist.all_reduce, dist.reduce_scatter_tensor
+    all_reduce, reduce_scatter = dist.all_reduce, sharding._reduce_scatter
     monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: sent.append((t.dtype, t.numel())) or all_reduce(t, **kw))
-    monkeypatch.setattr(dist, "reduce_scatter_tensor",
+    monkeypatch.setattr(sharding, "_reduce_scatter",
                         lambda o, t, **kw: sent.append((t.dtype, t.numel())) or reduce_scatter(o, t, **kw))
     g = torch.randn(1000)
     expected = torch.sign(g) * g.abs().mean()

@@ -132,6 +132,8 @@ def test_bounds_and_paths_are_checked_before_anything_runs(tmp_path):
     assert len(problems) == 3 and not (tmp_path / "out").exists()  # no tokenizer either; nothing created
     cfg.train.output_dir = str(tmp_path / "a_file/run")
     assert f"train.output_dir: {tmp_path}/a_file/run cannot be written" in train.check(cfg)[-1]
+    cfg.train.output_dir = "/proc/forbidden/run"  # root may write anywhere, by os.access; not here
+    assert "train.output_dir: /proc/forbidden/run cannot be written (/proc is not a writable" in train.check(cfg)[-1]
 
 
 def test_check_prints_the_resolved_config_or_the_errors(capsys, monkeypatch):

@@ -3,8 +3,6 @@ kind against its messages-JSONL equivalent, mixtures, bad samples (fuzzed), the 
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -136,7 +136,7 @@ def test_mixture_logs_per_source_losses_that_weight_sum_to_the_step_loss(tmp_pat
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert {k: (v["samples"], v["per_epoch"]) for k, v in summary["samples_by_source"].items()} == \
         {"a": (128, 128), "b": (64, 96)}
-    assert "224 samples / 32 per step = 7 steps per epoch" in p.stdout and "0 bad samples skipped" in p.stdout
+    assert "224 samples / 32 per step = 7 steps in the first epoch" in p.stdout and "0 bad samples skipped" in p.stdout
 
 
 # A tiny random-init model of each recipe's architecture family, with that family's real chat template
