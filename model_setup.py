@@ -161,7 +161,7 @@ class _ChunkedHead(torch.autograd.Function):
 
 def compute_loss_chunked(
         hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
-        softcap: float | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        softcap: float | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """`compute_loss` by `chunk` positions (model.loss: chunked, default); tests keep them equal."""
     h = hidden.index_select(0, batch["loss_idx"])  # (S, H)
     if not torch.is_grad_enabled():  # evaluation: tell the function that no gradient is needed
