@@ -242,6 +242,14 @@ def _packing_kernels(lm: nn.Module) -> list[str]:
     return sorted(set(re.findall(r'use_kernel_func_from_hub_with_fallback\(\s*"\w+",\s*"(\w+)"', source)))
 
 
+def _one_row_per_sample(input_ids, cu_seqlens, max_seqlen: int):
+    """A packed (1, T) row -> (B, L) rows of one sample each, right-padded, and their real tokens."""
+    real = torch.arange(max_seqlen, device=input_ids.device) < cu_seqlens.diff()[:, None]
+    rows = input_ids.new_zeros(real.shape)
+    rows[real] = input_ids[0]
+    return rows, real
+
+
 class PackedCausalLM(nn.Module):
     """The unchanged transformers (or peft) model `lm` plus our loss. `packs`: a micro-batch's
     samples share one row; False: one right-padded sample per row (exact for stateful layers)."""
@@ -269,7 +277,7 @@ class PackedCausalLM(nn.Module):
         """`batch`: loss_idx, targets, loss_weight (sampler.collate) -> {"loss": summed token losses
         + terms, "token_losses": (S,), "terms": detached}. `family_forward`: see self_check."""
         if family_forward:
-            return self._family_losses(input_ids, cu_seqlens, batch)
+            return self._family_losses(input_ids, cu_seqlens, max_seqlen, batch)
         hidden, out, real = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
         weight = self.lm.get_output_embeddings().weight  # (V, H)
         terms = {}
@@ -295,20 +303,16 @@ class PackedCausalLM(nn.Module):
             out = decoder(input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
                           cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen, max_length_k=max_seqlen, **kw)
             return out.last_hidden_state[0], out, None
-        real = torch.arange(max_seqlen, device=input_ids.device) < cu_seqlens.diff()[:, None]
-        rows = input_ids.new_zeros(real.shape)
-        rows[real] = input_ids[0]
+        rows, real = _one_row_per_sample(input_ids, cu_seqlens, max_seqlen)
         out = decoder(input_ids=rows, **kw)
         return out.last_hidden_state[real], out, real
 
     @torch.no_grad()
-    def _family_losses(self, input_ids, cu_seqlens, batch) -> dict:
+    def _family_losses(self, input_ids, cu_seqlens, max_seqlen: int, batch) -> dict:
         """Token losses by the family's own forward and eager attention, one padded row a sample."""
         implementation = self.lm.config._attn_implementation
         self.lm.set_attn_implementation("eager")
-        real = torch.arange(int(cu_seqlens.diff().max()), device=input_ids.device) < cu_seqlens.diff()[:, None]
-        rows = input_ids.new_zeros(real.shape)  # (B, L)
-        rows[real] = input_ids[0]
+        rows, real = _one_row_per_sample(input_ids, cu_seqlens, max_seqlen)
         try:
             logits = self.lm(input_ids=rows, attention_mask=real.long(), use_cache=False).logits[real]
         finally:

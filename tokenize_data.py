@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -379,14 +380,16 @@ def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
     return conversation_pieces(normalize(_from_pretraining(messages)), tokenizer, tools, unmask)
 
 
-_BOS: dict[int, bool] = {}  # id(tokenizer) -> whether encoding with special tokens starts with BOS
+# tokenizer -> whether encoding with special tokens starts with BOS; weak, so that a new tokenizer
+# at a freed one's address is not served its answer
+_BOS = weakref.WeakKeyDictionary()
 
 
 def _adds_bos(tokenizer) -> bool:
-    if id(tokenizer) not in _BOS:
+    if tokenizer not in _BOS:
         first = tokenizer("x")["input_ids"][:1]
-        _BOS[id(tokenizer)] = tokenizer.bos_token is not None and first == [tokenizer.bos_token_id]
-    return _BOS[id(tokenizer)]
+        _BOS[tokenizer] = tokenizer.bos_token is not None and first == [tokenizer.bos_token_id]
+    return _BOS[tokenizer]
 
 
 def _pretokenized(record, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
