@@ -264,16 +264,38 @@ def compare(state: dict, run: dict, data: str) -> tuple[list[str], dict]:
     return bad, changed
 
 
+def resume_point(output_dir: Path, cfg: config.Config, data: str) -> tuple[Path, dict] | None:
+    """`find`'s checkpoint, if this run (`data`: its token cache's name) can continue from it
+    (`compare`), else ResumeError; prints every setting that changed since it was saved."""
+    found = find(output_dir, cfg.checkpoint)
+    if not found:
+        return None
+    path, state = found
+    bad, changed = compare(state, config.to_dict(cfg), data)
+    if bad:
+        raise ResumeError(f"cannot resume from {path}:\n  " + "\n  ".join(bad)
+                          + "\n  set them back, or set checkpoint.resume: never to start afresh")
+    changes = "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    print(f"resuming from {path} at step {state['step']} (saved by {state['world_size']} rank(s))"
+          + changes, flush=True)
+    return path, state
+
+
 def load(path: Path, model: nn.Module, optimizer, rank: int):
     """Every rank calls it; restores model, optimizer and this rank's RNG states in place (a rank
     the saved run did not have keeps its seeded RNG)."""
-    sharding.load_state(model, optimizer, path)
-    if (path / f"rng-rank{rank}.pt").exists():
-        try:  # weights_only: tensors and numbers, never pickled code, even from a checkpoint made elsewhere
+    # nothing unpickled but data (tensors, numbers, containers), even from a checkpoint made elsewhere
+    try:
+        sharding.load_state(model, optimizer, path)
+        if (path / f"rng-rank{rank}.pt").exists():
             _set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=True))
-        except pickle.UnpicklingError as e:
-            raise ResumeError(f"{path / f'rng-rank{rank}.pt'} holds more than tensors and numbers; refused to load it "
-                              f"({str(e).splitlines()[0]})") from None
+    except (pickle.UnpicklingError, dcp.api.CheckpointException) as e:
+        # DCP wraps what failed (a weights-only load of a non-tensor item) with its traceback
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+        if not isinstance(cause, pickle.UnpicklingError):
+            raise
+        raise ResumeError(f"{path} holds more than tensors and numbers; refused to load it "
+                          f"({str(cause).splitlines()[0]})") from None
 
 
 def _save_merged(peft_model: nn.Module, state: dict, path: Path, max_shard_size: str):

@@ -5,7 +5,9 @@ YAML line. A command checks only its sections: data prep imports no model code."
 
 import dataclasses
 import difflib
+import os
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -51,9 +53,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile per decoder block, dynamic shapes; packed attention eager
     checkpoint_every: Annotated[int, ge(1)] = 1  # gradient checkpointing of blocks 0, k, 2k, ...
-    loss: Literal["chunked", "plain", "liger"] = "chunked"  # chunked: fused, fast; plain: readable,
-    #   forks edit it (same values); liger: Liger's fused linear cross-entropy (CUDA, liger extra)
-    liger_kernels: bool = False  # Liger's Triton RMSNorm, SwiGLU and RoPE (CUDA, liger extra)
+    # chunked: fused, fast; plain: all logits at once (same values, more memory)
+    loss: Literal["chunked", "plain"] = "chunked"
     load_in_4bit: bool = False  # QLoRA: NF4, double-quant (bitsandbytes); needs LoRA, real weights
     self_check: bool = True  # stop before step 1 if packed and per-sample forwards differ (README)
 
@@ -108,11 +109,10 @@ def _check(value, tp, where: str, problems: list[str]):
     if origin in (typing.Union, types.UnionType):  # str | Source: a dict -> the dataclass, else str
         cls = next((a for a in args if dataclasses.is_dataclass(a)), None)
         return _check(value, cls if isinstance(value, dict) and cls else args[0], where, problems)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return tp(**_check_fields(value, tp, where, problems))
     if dataclasses.is_dataclass(tp):
-        keys = ", ".join(typing.get_type_hints(tp))
-        problems.append(f"{where}: expected a mapping with keys {keys}")
+        if isinstance(value, dict):
+            return tp(**_check_fields(value, tp, where, problems))
+        problems.append(f"{where}: expected a mapping with keys {', '.join(typing.get_type_hints(tp))}")
     elif origin is typing.Literal:
         if value in args:
             return value
@@ -121,13 +121,12 @@ def _check(value, tp, where: str, problems: list[str]):
         if isinstance(value, list):
             return [_check(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
         problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-    elif tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+    # YAML 1.1 reads `1e-3` (no dot) as a string
+    elif tp is float and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         try:
             return float(value)
         except ValueError:
             problems.append(f"{where}: expected a number, got {value!r}")
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     elif isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     else:
@@ -228,3 +227,56 @@ def cli(argv: list[str], sections: tuple[str, ...] | None = None) -> Config:
         return load(argv[1], argv[2:], sections)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+def _can_make_dirs_in(path: Path) -> bool:
+    """By making one (removed at once): os.access says yes to root anywhere, /proc included."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=path))
+    except OSError:
+        return False
+    return True
+
+
+def check(cfg: Config, launch: bool = True) -> list[str]:
+    """What config.load cannot see: settings that cannot work together, the files the run reads and
+    writes (nothing is created) and, when `launch`, whether this process was launched as the
+    strategy needs. Run before any weights are read or any process group is made, and by --check."""
+    import tokenize_data
+
+    m, sh = cfg.model, cfg.sharding
+    problems = [msg for bad, msg in [
+        (m.load_in_4bit and m.random_init, "model.load_in_4bit quantizes weights as they are read: set "
+         "model.random_init: false and model.path to a directory with weights"),
+        (m.load_in_4bit and not sh.lora_rank, "model.load_in_4bit: 4-bit weights cannot be trained; set "
+         "sharding.lora_rank > 0 (QLoRA)"),
+        (m.load_in_4bit and sh.cpu_offload, "model.load_in_4bit with sharding.cpu_offload is not supported; "
+         "set one of them to false"),
+        (m.load_in_4bit and sh.strategy == "deepspeed", "model.load_in_4bit (QLoRA) does not work with DeepSpeed; "
+         "use sharding.strategy: fsdp2 or none"),
+        (launch and sh.strategy == "fsdp2" and "RANK" not in os.environ, "sharding.strategy: fsdp2 needs torchrun "
+         "(torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
+        (m.compile and sh.strategy == "deepspeed", "model.compile is not tested with DeepSpeed; use "
+         "sharding.strategy: none or fsdp2, or model.compile: false"),
+        (cfg.logging.noise_scale and sh.strategy == "deepspeed", "logging.noise_scale does not work with DeepSpeed "
+         "(its gradients are not ours to read between micro-steps); use sharding.strategy: none or fsdp2"),
+    ] if bad]
+    path = Path(m.path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            problems.append(f"model.path: {path} has no config.json; point it at a Hugging Face model directory")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            problems.append(f"model.path: {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    elif not tokenize_data.is_hub_id(m.path):
+        problems.append(f"model.path: {m.path or '(empty)'} does not exist; give a model directory or a hub id "
+                        "(owner/name)")
+    for key in ("train_files", "eval_files"):
+        problems += tokenize_data.check_paths(getattr(cfg.data, key), f"data.{key}")
+    if cfg.train.heldout_file and not Path(cfg.train.heldout_file).is_file():
+        problems.append(f"train.heldout_file: {cfg.train.heldout_file} does not exist; set it to '' to skip")
+    out = Path(cfg.train.output_dir)
+    there = next(p for p in [out, *out.parents] if p.exists())  # what mkdir would create it in
+    if not there.is_dir() or not _can_make_dirs_in(there):
+        problems.append(f"train.output_dir: {out} cannot be written ({there} is not a writable directory); "
+                        "choose another directory")
+    return problems

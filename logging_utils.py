@@ -1,7 +1,8 @@
 """Logging on rank 0: `metrics.jsonl` (an object per optimizer step), console lines, tqdm, optional
-TensorBoard and W&B, `summary.json` and `metrics.png` at the end; exact match on held-out chats.
+TensorBoard and W&B, `summary.json` at the end; the plot of a run, or of several; exact match on
+held-out chats.
 
-    python logging_utils.py plot <output_dir> [<output_dir> ...] [--out FILE.png]   # redraw, or overlay runs
+    python logging_utils.py plot <output_dir> [<output_dir> ...] [--out FILE.png]   # draw, or overlay runs
     python logging_utils.py exact-match <hf_dir> <heldout.jsonl>
 """
 
@@ -267,7 +268,8 @@ class MetricsLogger:
                            f"{m['packing_efficiency']:.2f} | {m['peak_mem_gib']:.2f} GiB")
 
     def close(self, extra: dict) -> dict:
-        """Writes summary.json and metrics.png and returns the summary."""
+        """Writes summary.json, prints the run's last line and returns the summary.
+        `extra`: train.py's (samples_skipped, samples_dropped, export, ...)."""
         tot, last = self.totals, self.last or {}
         steps, train_s = max(1, tot["steps"]), max(tot["train_s"], 1e-9)
         counts = ("steps", "samples", "tokens", "loss_tokens", "micro_steps", "nonfinite_steps")
@@ -287,9 +289,12 @@ class MetricsLogger:
             if self.wandb:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
                 self.wandb.finish()
-            plot([self.output_dir], self.output_dir / "metrics.png")
-            summary["plot"] = str(self.output_dir / "metrics.png")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            skipped, dropped = sum(summary["samples_skipped"].values()), summary["samples_dropped"]
+            print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+                  f"{summary['wall_s']:.1f}s; final loss {summary['final_loss']:.4f}; {skipped} bad "
+                  f"samples skipped, {dropped['longer_than_max_seq_len']} longer than "
+                  f"data.max_seq_len dropped; exported to {summary['export']}", flush=True)
         return summary
 
 

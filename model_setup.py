@@ -9,9 +9,11 @@ import inspect
 import os
 import re
 import sys
+import time
 from functools import cache, partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -169,26 +171,11 @@ def compute_loss_chunked(
     return _ChunkedHead.apply(h, weight, batch["targets"], batch.get("loss_weight"), scale, softcap, chunk)
 
 
-def compute_loss_liger(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, scale: float = 1.0,
-                       softcap: float | None = None) -> tuple[torch.Tensor, None]:
-    """The same by Liger's fused linear cross-entropy (CUDA, Triton; logits never stored), its own,
-    not `token_loss`, and without token losses (so no loss_by_source, no per-sample loss)."""
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        raise ImportError("model.loss: liger needs the liger extra: pip install -e '.[liger]'") from None
-    if scale != 1.0 or batch.get("loss_weight") is not None:
-        raise ValueError("model.loss: liger neither scales logits (this model sets logits_scaling) "
-                         "nor weights tokens; use chunked")
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", softcap=softcap)
-    return loss(weight, hidden.index_select(0, batch["loss_idx"]), batch["targets"]), None
-
-
 # model.compile's backend; SFT_COMPILE_BACKEND=eager (or aot_eager) makes the same graphs, no
 # kernels: for the tests (seconds, not a minute, on CPU) and to bisect a compile problem
 COMPILE_BACKEND = os.environ.get("SFT_COMPILE_BACKEND", "inductor")
 
-LOSSES = {"chunked": compute_loss_chunked, "plain": compute_loss, "liger": compute_loss_liger}
+LOSSES = {"chunked": compute_loss_chunked, "plain": compute_loss}
 
 
 def _logit_modifiers(c) -> tuple[float, float | None]:
@@ -328,13 +315,11 @@ SELF_CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
 @torch.no_grad()
-def self_check(model: nn.Module, batch: dict) -> float:
-    """The largest difference of a token's loss over their mean, `batch` packed through `model` as
-    it trains vs the family's own forward of each sample. One host sync; every rank must call it."""
-    inner = getattr(model, "module", model)  # DeepSpeed's engine holds ours as .module
-    loss_fn, was_training = inner.loss_fn, model.training
-    if loss_fn is compute_loss_liger:  # no token losses; the same logits go into the plain loss
-        inner.loss_fn = compute_loss
+def self_check(model: nn.Module, batch: dict, dtype: str) -> str:
+    """A line to print if `batch` packed through `model` as it trains gives every token's loss that
+    the family's own forward gives each sample alone, within SELF_CHECK_TOLERANCE[dtype] of their
+    mean; else ValueError. Every rank must call it: all decide on the largest difference."""
+    t0, was_training = time.perf_counter(), model.training
     model.eval()  # dropout off in both
     # eagerly: eval mode and eager attention would compile graphs (10 s each on CPU) training never
     # uses; tests keep compiled blocks equal to eager ones
@@ -342,26 +327,49 @@ def self_check(model: nn.Module, batch: dict) -> float:
         ours = model(**batch)["token_losses"].float()
         theirs = model(**batch, family_forward=True)["token_losses"].float()
     model.train(was_training)
-    inner.loss_fn = loss_fn
-    return ((ours - theirs).abs().max() / theirs.abs().mean().clamp_min(1e-12)).item()
+    diff = (ours - theirs).abs().max() / theirs.abs().mean().clamp_min(1e-12)
+    if dist.is_initialized():
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    tolerance, n = SELF_CHECK_TOLERANCE[dtype], len(batch["cu_seqlens"]) - 1
+    family = getattr(model, "module", model).lm.config.model_type  # DeepSpeed's engine: .module
+    if not diff <= tolerance:  # NaN too
+        raise ValueError(
+            f"model {family}: a packed row of {n} of the run's samples differs from the family's "
+            f"own forward of each by {diff:.1e} (largest token loss difference, relative; {dtype} "
+            f"allows {tolerance:.0e}): its loss would be trained wrong. Not supported yet; "
+            "model.self_check: false trains it anyway")
+    return (f"self-check: {family}, a packed row of {n} samples ({int(batch['cu_seqlens'][-1])} "
+            f"tokens) equals the family's own forward within {diff:.1e} (allowed {tolerance:.0e}), "
+            f"{time.perf_counter() - t0:.2f}s")
 
 
-def _apply_liger_kernels(lm: nn.Module):
-    """Liger's RMSNorm, SwiGLU MLP and RoPE, patched process-wide (its families); our loss stays."""
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        raise ImportError("model.liger_kernels needs the liger extra: pip install -e '.[liger]'") from None
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(lm.config.model_type)
-    if apply is None:
-        raise ValueError(f"model.liger_kernels: Liger has no kernels for model_type "
-                         f"{lm.config.model_type!r}; set it to false")
-    apply(model=lm, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+def _partitioned(full: nn.Module, zero3: dict, kw: dict) -> nn.Module:
+    """`full` (real on rank 0, on the meta device elsewhere) rebuilt partitioned by ZeRO-3
+    (deepspeed.zero.Init: no rank holds it whole), module by module from rank 0's weights."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(zero3)  # transformers builds under zero.Init while it lives
+    # its initialization is overwritten: the seeded RNG goes on as if it had not run
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        lm = AutoModelForCausalLM.from_config(full.config, **kw)
+    del keep
+    unset_hf_deepspeed_config()  # a model built later (the merged export) is built whole
+    for name, module in lm.named_modules():
+        if params := dict(module.named_parameters(recurse=False)):
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                if dist.get_rank() == 0:
+                    for key, p in params.items():
+                        p.data.copy_(getattr(full.get_submodule(name), key))
+    return lm
 
 
-def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) -> PackedCausalLM:
+def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False,
+               zero3: dict | None = None) -> PackedCausalLM:
     """`on_meta`: on the meta device, no weights read (ranks that get shards from rank 0 later:
-    sharding.shard_model). `load_in_4bit`: linear layers to NF4 as read (QLoRA; adapters later)."""
+    sharding.shard_model). `load_in_4bit`: linear layers to NF4 as read (QLoRA; adapters later).
+    `zero3`: DeepSpeed's config; built partitioned from rank 0's weights (on_meta elsewhere)."""
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
     # eager in compiled blocks: per-sample grouping is host logic, a varlen kernel one opaque call
     attention = torch.compiler.disable(packed_attention) if cfg.compile else packed_attention
@@ -386,8 +394,8 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
                 m.support_avx512bf16_for_cpu = False
     else:
         lm = AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
-    if cfg.liger_kernels:
-        _apply_liger_kernels(lm)
+    if zero3:
+        lm = _partitioned(lm, zero3, kw)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, block in enumerate(lm.get_decoder().layers):  # selective: every k-th block
@@ -401,4 +409,5 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False) ->
                 block.gradient_checkpointing = False
                 forward = partial(checkpoint, forward, use_reentrant=False)
             block.forward = forward
-    return PackedCausalLM(lm if cfg.load_in_4bit or on_meta else lm.to(device), LOSSES[cfg.loss], device)
+    return PackedCausalLM(lm if cfg.load_in_4bit or on_meta or zero3 else lm.to(device),
+                          LOSSES[cfg.loss], device)

@@ -14,8 +14,12 @@ backward, clip_and_step, save_state, load_state, full_state_dict.
 """
 
 import dataclasses
+import importlib
 import math
 import os
+import pickle
+import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +35,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 import config
+
+
+# a quiet run: what libraries warn about but is meant (DCP in one process; peft reading the flag
+# transformers 5 renamed; DeepSpeed calling collectives torch renamed, and finding no GPU when
+# accelerate imports it to save a model)
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated")  # DeepSpeed's calls
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @config.section("sharding")
@@ -96,17 +110,31 @@ def wait_for_rank0(obj=None):
     return box[0]
 
 
+def on_rank0(d: Dist, work, error: type):
+    """`work()` on rank 0 alone, its result on every rank; an `error` it raises ends every rank with
+    its message."""
+    result = None
+    if d.rank == 0:
+        try:
+            result = work()
+        except error as e:
+            result = e
+    result = wait_for_rank0(result)
+    if isinstance(result, Exception):
+        sys.exit(f"error: {result}")
+    return result
+
+
 def all_reduce_sum(named: dict[str, torch.Tensor | float], d: Dist) -> dict[str, np.ndarray]:
     """Each named tensor (or number) summed over the ranks in one all-reduce, in fp64, returned by
     name on the host (a host sync, meant: the caller decides from the result)."""
-    parts = [torch.as_tensor(t, device=d.device).double().reshape(-1) for t in named.values()]
-    flat = torch.cat(parts)
+    tensors = [torch.as_tensor(t, device=d.device).double() for t in named.values()]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     if d.world_size > 1:
         dist.all_reduce(flat)
-    values = np.split(flat.cpu().numpy(), np.cumsum([len(p) for p in parts])[:-1])
-    shapes = [torch.as_tensor(t).shape for t in named.values()]
+    chunks = flat.cpu().split([t.numel() for t in tensors])
     # [()]: a number for a 0-d tensor, the array otherwise
-    return {name: v.reshape(shape)[()] for name, v, shape in zip(named, values, shapes)}
+    return {name: c.reshape(t.shape).numpy()[()] for name, c, t in zip(named, chunks, tensors)}
 
 
 def collective_failed(e: BaseException) -> bool:
@@ -177,7 +205,8 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, d: Dist, from_rank0: bool
                 dist.broadcast(b, src=0)
     elif d.world_size > 1:  # replicate: every rank starts from rank 0's weights
         for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
+            if not hasattr(t, "ds_id"):  # a ZeRO-3 partition is filled already (model_setup)
+                dist.broadcast(t.data, src=0)
     return model
 
 
@@ -188,8 +217,21 @@ def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_
     micro-batch per 'step' and averages gradients over ranks as FSDP2 does."""
     if cfg.strategy != "deepspeed":
         return model, optimizer
+    import deepspeed
+
+    if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its module's forward
+        deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
+    ds_config = deepspeed_config(cfg, model.lm.config.hidden_size, max_grad_norm)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=ds_config)
+    return engine, optimizer
+
+
+def deepspeed_config(cfg: ShardingConfig, h: int = 0, max_grad_norm: float = 0.0) -> dict:
+    """DeepSpeed's config from our YAML; `h`: the model's hidden size, for the buckets (zero.Init
+    needs none)."""
     try:
-        import deepspeed
+        importlib.import_module("deepspeed")
     except ImportError:
         raise ImportError("sharding.strategy: deepspeed needs the deepspeed extra: "
                           "pip install -e '.[deepspeed]'")
@@ -202,19 +244,12 @@ def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_
             zero["offload_param"] = {"device": "cpu"}
     # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) each; sized to the model instead,
     # as the HF Trainer's "auto" values do (BENCHMARKS.md, Memory)
-    h = model.lm.config.hidden_size
-    zero |= {"reduce_bucket_size": h * h, "allgather_bucket_size": h * h,
+    zero |= {} if not h else {"reduce_bucket_size": h * h, "allgather_bucket_size": h * h,
              "stage3_prefetch_bucket_size": int(0.9 * h * h),
              "stage3_param_persistence_threshold": 10 * h}
-    if cfg.zero_stage == 3:  # the output layer is used in our loss, outside its module's forward
-        deepspeed.zero.register_external_parameter(model, model.lm.get_output_embeddings().weight)
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                 "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
-                 "gradient_clipping": max_grad_norm,
-                 "bf16": {"enabled": cfg.compute_dtype == "bfloat16"}}
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=ds_config)
-    return engine, optimizer
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "zero_optimization": zero, "zero_force_ds_cpu_optimizer": False,
+            "gradient_clipping": max_grad_norm, "bf16": {"enabled": cfg.compute_dtype == "bfloat16"}}
 
 
 def _is_deepspeed(model: nn.Module) -> bool:
@@ -321,17 +356,45 @@ def save_state(model: nn.Module, optimizer, path: Path):
         dcp.save(_state_dicts(model, optimizer), checkpoint_id=path / "dcp")
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` as data: its own types, torch's sizes, dtypes and layouts, paths; else
+    UnpicklingError before anything is called."""
+    DCP = {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING",
+           "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties"}
+    OTHERS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+              ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module == "torch.distributed.checkpoint.metadata" and name in self.DCP) or dtype \
+                or (module, name) in self.OTHERS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata type")
+
+
 def load_state(model: nn.Module, optimizer, path: Path):
-    """Every rank restores what `save_state` wrote, in place."""
+    """Every rank restores what `save_state` wrote, in place. Nothing is unpickled but tensors,
+    numbers, containers and DCP's metadata types (pickle.UnpicklingError): a checkpoint from
+    elsewhere cannot run code."""
+    # every torch.load from here on (DCP's non-tensor items, DeepSpeed's files) weights-only,
+    # whatever it asks
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     if _is_deepspeed(model):  # not strict: frozen weights were left out at save
-        model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
-                              load_lr_scheduler_states=False)
-    else:
-        sd = _state_dicts(model, optimizer)
-        # fails on any key of `sd` that the checkpoint lacks
-        dcp.load(sd, checkpoint_id=path / "dcp")
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
+                                               fragment_address]):
+            model.load_checkpoint(str(path), tag="deepspeed", load_module_strict=False,
+                                  load_lr_scheduler_states=False)
+        return
+    with open(path / "dcp/.metadata", "rb") as f:  # read as data first: DCP itself unpickles it
+        _MetadataUnpickler(f).load()
+    sd = _state_dicts(model, optimizer)
+    # fails on any key of `sd` that the checkpoint lacks
+    dcp.load(sd, checkpoint_id=path / "dcp")
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def full_state_dict(model: nn.Module) -> dict:

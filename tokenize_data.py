@@ -13,6 +13,7 @@ served stale. It holds flat `input_ids` (int32) and `loss_mask` (uint8), per-sam
 (int64, n+1) and `source` ids, and `meta.json` (counts per source, skips and drops by reason).
 """
 
+import functools
 import hashlib
 import itertools
 import json
@@ -20,7 +21,7 @@ import os
 import re
 import shutil
 import sys
-import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,8 +32,7 @@ import config
 
 CACHE_VERSION = 5  # bump when the tokenization logic changes, so old caches are not reused
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
-                  "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"} | {r: r for r in ROLES}
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -147,25 +147,21 @@ def from_prompt_completion(record: dict) -> list[dict]:
     return turns
 
 
-# text/document: no template, all trained, blocks if long; tokens: input_ids (+ labels) as given
-FORMATS = {"messages": from_messages, "conversations": from_conversations, "alpaca": from_alpaca,
-           "prompt_completion": from_prompt_completion,
-           "text": None, "document": None, "tokens": None}
-# the record keys each format reads; a record's other keys are reported as unused
-USED_KEYS = {"messages": {"messages", "tools", "unmask"}, "text": {"text"},
-             "conversations": {"conversations", "tools"}, "alpaca": {"instruction", "input", "output"},
-             "prompt_completion": {"prompt", "completion", "tools"}, "document": {"document"},
-             "tokens": {"input_ids", "labels", "len", "num_loss_counted_tokens"}}
+# format: (record -> messages; None: text/document, no template, all trained, blocks if long;
+# tokens: input_ids (+ labels) as given), the keys that identify it (tried in this order), the other
+# keys it reads (a record's remaining keys are reported as unused)
+FORMATS = {"tokens": (None, {"input_ids"}, {"labels", "len", "num_loss_counted_tokens"}),
+           "messages": (from_messages, {"messages"}, {"tools", "unmask"}),
+           "conversations": (from_conversations, {"conversations"}, {"tools"}),
+           "alpaca": (from_alpaca, {"instruction", "output"}, {"input"}),
+           "prompt_completion": (from_prompt_completion, {"prompt", "completion"}, {"tools"}),
+           "document": (None, {"document"}, set()), "text": (None, {"text"}, set())}
 
 
 def detect_format(record) -> str:
     keys = record.keys() if isinstance(record, dict) else ()
-    for fmt, need in (("tokens", {"input_ids"}), ("messages", {"messages"}),
-                      ("conversations", {"conversations"}), ("alpaca", {"instruction", "output"}),
-                      ("prompt_completion", {"prompt", "completion"}), ("document", {"document"}),
-                      ("text", {"text"})):
-        if need <= keys:
-            return fmt
+    if fmt := next((f for f, (_, need, _) in FORMATS.items() if need <= keys), None):
+        return fmt
     raise BadSample("unknown_format", f"cannot tell the format from the keys {sorted(keys)}: "
                     "expected input_ids, messages, conversations, instruction/output, "
                     "prompt/completion, document or text; or set format:")
@@ -368,7 +364,7 @@ def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
     tools = record.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadSample("wrong_type", '"tools" must be a list of tool definitions')
-    messages = FORMATS[fmt](record)
+    messages = FORMATS[fmt][0](record)
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
     if "pretrain" in roles:  # mini_trainer's (process_data.py): its content and EOS, all trained
         if len(messages) != 1 or not isinstance(messages[0].get("content"), str):
@@ -380,16 +376,10 @@ def _pieces(record, tokenizer, fmt: str) -> list[list[tuple[str, bool]]]:
     return conversation_pieces(normalize(_from_pretraining(messages)), tokenizer, tools, unmask)
 
 
-# tokenizer -> whether encoding with special tokens starts with BOS; weak, so that a new tokenizer
-# at a freed one's address is not served its answer
-_BOS = weakref.WeakKeyDictionary()
-
-
+@functools.cache  # per tokenizer object, which the cache keeps alive (a run has one or two)
 def _adds_bos(tokenizer) -> bool:
-    if tokenizer not in _BOS:
-        first = tokenizer("x")["input_ids"][:1]
-        _BOS[tokenizer] = tokenizer.bos_token is not None and first == [tokenizer.bos_token_id]
-    return _BOS[tokenizer]
+    """Whether encoding with special tokens starts with BOS."""
+    return tokenizer.bos_token is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def _pretokenized(record, vocab: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -435,9 +425,7 @@ def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarra
     tokenized apart, so token boundaries are inference's (prompt tokenized, answer generated)."""
     texts = [text for s in samples for text, _ in s]
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not texts:
-        pieces = []
-    elif backend is None:
+    if backend is None:
         pieces = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         pieces = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
@@ -448,11 +436,11 @@ def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarra
     return ids, mask, piece_offsets[np.concatenate([[0], np.cumsum([len(s) for s in samples])])]
 
 
-def tokenize_sample(sample: dict, tokenizer, fmt: str | None = None) -> dict | list[dict]:
-    """One record (any format in FORMATS; detected when `fmt` is None) -> {"input_ids": [...],
+def tokenize_sample(sample: dict, tokenizer) -> dict | list[dict]:
+    """One record (a chat, alpaca, prompt/completion, text or document) -> {"input_ids": [...],
     "labels": [...]}, labels aligned with input_ids (not shifted), -100 where not trained; a list of
     them when the masking rule makes several samples of one conversation. Raises BadSample."""
-    ids, mask, offsets = _encode(_pieces(sample, tokenizer, fmt or detect_format(sample)), tokenizer)
+    ids, mask, offsets = _encode(_pieces(sample, tokenizer, detect_format(sample)), tokenizer)
     labels = np.where(mask.view(bool), ids, -100)
     out = [{"input_ids": ids[a:b].tolist(), "labels": labels[a:b].tolist()} for a, b in zip(offsets, offsets[1:])]
     return out[0] if len(out) == 1 else out
@@ -565,7 +553,7 @@ def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based:
             pieces, reason, message = [[]], e.reason, str(e)
             tokens += [(np.zeros(0, np.int64), np.zeros(0, np.uint8), False)] * (fmt == "tokens")
         else:  # Arrow rows hold every column, None where a record has no such key
-            keys_unused = ",".join(sorted(k for k, v in record.items() if v is not None and k not in USED_KEYS[fmt]))
+            keys_unused = ",".join(sorted(k for k, v in record.items() if v is not None and k not in FORMATS[fmt][1] | FORMATS[fmt][2]))
         for col, v in ((rows, n), (reasons, reason), (messages, message), (unused, keys_unused)):
             col.extend([v] * len(pieces))
         samples += pieces
@@ -658,11 +646,6 @@ def _fingerprint(srcs: list[Source], tokenizer, cfg: DataConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def _source_name(src: Source, names: list[str]) -> str:
-    name = Path(src.path).stem if Path(src.path).exists() else src.path
-    return name if name not in names else f"{name}#{len(names)}"
-
-
 def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.train_files") -> Path:
     """Tokenizes the sources (once) into the cache; returns its directory. `data.num_proc` processes
     map each source in batches to Arrow files, copied batch by batch into the flat arrays (bounded
@@ -672,9 +655,6 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     srcs = sources(entries)
     if not srcs:
         raise DataError(f"no input: set {key} to a list of data sources (paths or hub ids)")
-    for src in srcs:
-        if src.weight < 0:
-            raise DataError(f"{key}: {src.path}: weight must be >= 0, got {src.weight}")
     out = Path(cfg.cache_dir) / _fingerprint(srcs, tokenizer, cfg)
     if (out / "meta.json").exists():
         return out
@@ -689,8 +669,8 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     mapped, meta_sources, names = [], [], []
     for s, src in enumerate(srcs):
         ds, line_based = _load(src, tmp)
-        name = _source_name(src, names)
-        names.append(name)
+        name = Path(src.path).stem if Path(src.path).exists() else src.path
+        names.append(name if name not in names else f"{name}#{len(names)}")
         try:
             fmt = _detect(ds, line_based) if src.format == "auto" else src.format
         except DataError as e:
@@ -718,13 +698,13 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
                             "counts and skips such samples)")
         ok = reasons == ""
         too_long = ok & (lengths > cfg.max_seq_len)
-        mapped.append((table, ok & ~too_long, s, lengths))
+        mapped.append((table, ok & ~too_long, lengths))
         skipped = {str(r): int(n) for r, n in zip(*np.unique(reasons[bad], return_counts=True))}
         unused = {k for u in pc.unique(table["unused"]).to_pylist() if u for k in u.split(",")}
-        meta_sources.append({"name": name, "path": src.path, "format": fmt,
+        meta_sources.append({"name": names[-1], "path": src.path, "format": fmt,
                              "records": len(np.unique(table["row"].to_numpy())), "skipped": skipped,
                              "longer_than_max_seq_len": int(too_long.sum()),
-                             "samples": int((ok & ~too_long).sum()), "unused_keys": sorted(unused),
+                             "samples": int(mapped[-1][1].sum()), "unused_keys": sorted(unused),
                              "trains_eot": int(pc.sum(table["trains_eot"]).as_py() or 0)})
     meta = _meta(meta_sources, *_write(tmp, mapped, cfg), key, eot_text)
     shutil.rmtree(tmp / "hf", ignore_errors=True)
@@ -738,30 +718,27 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
 
 def _write(tmp: Path, mapped: list, cfg: DataConfig) -> tuple[np.ndarray, int]:
     """Writes the kept samples in order to the flat arrays; returns (lengths, trained tokens)."""
-    lengths = np.concatenate([n[keep] for _, keep, _, n in mapped]).astype(np.int64)
+    lengths = np.concatenate([n[keep] for _, keep, n in mapped]).astype(np.int64)
     if not len(lengths):
         raise DataError("no sample left to train (all skipped or longer than "
                         f"data.max_seq_len={cfg.max_seq_len})")
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = _npy_file(tmp / "input_ids.npy", np.int32, int(offsets[-1]))
-    mask = _npy_file(tmp / "loss_mask.npy", np.uint8, int(offsets[-1]))
-    trained, source = 0, []
-    for table, keep, s, _ in mapped:
-        start = 0
-        for batch in table.to_batches(max_chunksize=4096):
-            start += len(batch)
-            batch = batch.filter(keep[start - len(batch):start])
-            if not len(batch):
-                continue
-            flat_ids = batch["input_ids"].flatten().to_numpy()
-            flat_mask = batch["loss_mask"].flatten().to_numpy()
-            ids.write(flat_ids.astype(np.int32, copy=False).tobytes())
-            mask.write(flat_mask.astype(np.uint8, copy=False).tobytes())
-            trained += int(flat_mask.sum())
-            source.append(np.full(len(batch), s, np.int32))
-    ids.close(), mask.close()
+    trained = 0
+    with _npy_file(tmp / "input_ids.npy", np.int32, int(offsets[-1])) as ids, \
+            _npy_file(tmp / "loss_mask.npy", np.uint8, int(offsets[-1])) as mask:
+        for table, keep, _ in mapped:
+            start = 0
+            for batch in table.to_batches(max_chunksize=4096):
+                start += len(batch)
+                batch = batch.filter(keep[start - len(batch):start])
+                flat_ids = batch["input_ids"].flatten().to_numpy()
+                flat_mask = batch["loss_mask"].flatten().to_numpy()
+                ids.write(flat_ids.astype(np.int32, copy=False).tobytes())
+                mask.write(flat_mask.astype(np.uint8, copy=False).tobytes())
+                trained += int(flat_mask.sum())
     np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "source.npy", np.concatenate(source))
+    kept = [keep.sum() for _, keep, _ in mapped]
+    np.save(tmp / "source.npy", np.repeat(np.arange(len(mapped), dtype=np.int32), kept))
     return lengths, trained
 
 
@@ -780,10 +757,7 @@ def _meta(sources: list[dict], lengths: np.ndarray, trained: int, key: str, eot_
         raise DataError(f"{key}: no sample trains the end-of-turn token {eot_text!r}, so the model "
                         "would never learn to stop; check the chat template (it must write an "
                         "end-of-turn token after each assistant message)")
-    skipped = {}
-    for s in sources:
-        for reason, n in s["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
+    skipped = dict(sum((Counter(s["skipped"]) for s in sources), Counter()))
     dropped = sum(s["longer_than_max_seq_len"] for s in sources)
     percentiles = {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 95, 99, 100)}
     return {"sources": sources, "samples": len(lengths), "skipped": skipped,
@@ -811,6 +785,13 @@ class TokenCache:
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.input_ids[a:b], self.loss_mask[a:b]
 
+    def by_source(self, epoch: np.ndarray) -> dict:
+        """Each source's counts from meta.json and its samples in `epoch` (after the weights)."""
+        per_epoch = np.bincount(self.source[epoch], None, len(self.source_names))
+        kept = ("samples", "skipped", "longer_than_max_seq_len", "unused_keys")
+        return {s["name"]: {k: s[k] for k in kept} | {"per_epoch": int(n)}
+                for s, n in zip(self.meta["sources"], per_epoch)}
+
 
 def summary(cache: TokenCache) -> str:
     m = cache.meta
@@ -832,12 +813,10 @@ def preview(cache: TokenCache, tokenizer, n: int, color: bool) -> str:
     out = []
     for i in range(min(n, len(cache))):
         ids, mask = cache[i]
-        runs, start = [], 0
-        for k in range(1, len(ids) + 1):
-            if k == len(ids) or mask[k] != mask[start]:
-                text = tokenizer.decode(ids[start:k].tolist())
-                runs.append((f"\033[32m{text}\033[0m" if color else f"[[{text}]]") if mask[start] else text)
-                start = k
+        cuts, runs = [0, *(np.flatnonzero(np.diff(mask)) + 1), len(ids)], []  # trained or not
+        for a, b in zip(cuts, cuts[1:]):
+            text = tokenizer.decode(ids[a:b].tolist())
+            runs.append((f"\033[32m{text}\033[0m" if color else f"[[{text}]]") if mask[a] else text)
         out.append(f"--- sample {i} ({cache.source_names[cache.source[i]]}, {len(ids)} tokens, "
                    f"{int(mask.sum())} trained) ---\n" + "".join(runs))
     return "\n".join(out)

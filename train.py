@@ -9,10 +9,8 @@ with logging_utils throughout. Swap points here: `build_optimizer` and `lr_at`.
 """
 
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +36,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     parameters: 4x faster than the per-tensor loop on CPU, BENCHMARKS.md; tests check it equals the
     unfused one)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    decay = {p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2}  # ZeRO-3: 1-D parts
+    groups = [{"params": [p for p in params if p in decay], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p not in decay], "weight_decay": 0.0}]
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=fused)
 
@@ -54,63 +52,6 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay[cfg.lr_schedule])
 
 
-def _can_make_dirs_in(path: Path) -> bool:
-    """By making one (removed at once): os.access says yes to root anywhere, /proc included."""
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=path))
-    except OSError:
-        return False
-    return True
-
-
-def check(cfg: config.Config, launch: bool = True) -> list[str]:
-    """What config.load cannot see: settings that cannot work together, the files the run reads and
-    writes (nothing is created) and, when `launch`, whether this process was launched as the
-    strategy needs. Run before any weights are read or any process group is made, and by --check."""
-    m, sh = cfg.model, cfg.sharding
-    problems = [msg for bad, msg in [
-        (m.load_in_4bit and m.random_init, "model.load_in_4bit quantizes weights as they are read: set "
-         "model.random_init: false and model.path to a directory with weights"),
-        (m.load_in_4bit and not sh.lora_rank, "model.load_in_4bit: 4-bit weights cannot be trained; set "
-         "sharding.lora_rank > 0 (QLoRA)"),
-        (m.load_in_4bit and sh.cpu_offload, "model.load_in_4bit with sharding.cpu_offload is not supported; "
-         "set one of them to false"),
-        (m.load_in_4bit and sh.strategy == "deepspeed", "model.load_in_4bit (QLoRA) does not work with DeepSpeed; "
-         "use sharding.strategy: fsdp2 or none"),
-        (launch and sh.strategy == "fsdp2" and "RANK" not in os.environ, "sharding.strategy: fsdp2 needs torchrun "
-         "(torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
-        ((cfg.logging.sample_losses or cfg.logging.noise_scale) and m.loss == "liger",
-         "logging.sample_losses and logging.noise_scale need token losses, which model.loss: liger does not give; "
-         "use model.loss: chunked"),
-        (launch and (m.loss == "liger" or m.liger_kernels) and not torch.cuda.is_available(), "model.loss: liger "
-         "and model.liger_kernels run Triton kernels on a CUDA GPU, and none is visible; use model.loss: chunked "
-         "and model.liger_kernels: false"),
-        (m.compile and sh.strategy == "deepspeed", "model.compile is not tested with DeepSpeed; use "
-         "sharding.strategy: none or fsdp2, or model.compile: false"),
-        (cfg.logging.noise_scale and sh.strategy == "deepspeed", "logging.noise_scale does not work with DeepSpeed "
-         "(its gradients are not ours to read between micro-steps); use sharding.strategy: none or fsdp2"),
-    ] if bad]
-    path = Path(m.path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            problems.append(f"model.path: {path} has no config.json; point it at a Hugging Face model directory")
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            problems.append(f"model.path: {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
-    elif not tokenize_data.is_hub_id(m.path):
-        problems.append(f"model.path: {m.path or '(empty)'} does not exist; give a model directory or a hub id "
-                        "(owner/name)")
-    for key in ("train_files", "eval_files"):
-        problems += tokenize_data.check_paths(getattr(cfg.data, key), f"data.{key}")
-    if cfg.train.heldout_file and not Path(cfg.train.heldout_file).is_file():
-        problems.append(f"train.heldout_file: {cfg.train.heldout_file} does not exist; set it to '' to skip")
-    out = Path(cfg.train.output_dir)
-    there = next(p for p in [out, *out.parents] if p.exists())  # what mkdir would create it in
-    if not there.is_dir() or not _can_make_dirs_in(there):
-        problems.append(f"train.output_dir: {out} cannot be written ({there} is not a writable directory); "
-                        "choose another directory")
-    return problems
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batches: list,
              n_eval: float, d: sharding.Dist) -> float:
@@ -119,9 +60,7 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
     model.eval()
     loss_sum = torch.zeros((), device=d.device)
     for mb in micro_batches:
-        batch = sampler.collate([cache[i] for i in mb], d.device)
-        del batch["loss_seg"]
-        result = model(**batch)
+        result = model(**sampler.collate([cache[i] for i in mb], d.device))
         # the main loss, without the extra terms
         loss_sum += result["loss"] - sum(result["terms"].values())
     model.train()
@@ -130,71 +69,12 @@ def evaluate(model: torch.nn.Module, cache: tokenize_data.TokenCache, micro_batc
     return loss_sum.item() / (n_eval or 1)  # host sync, meant: once per evaluation
 
 
-def _on_rank0(d: sharding.Dist, work, error: type):
-    """`work()` on rank 0 alone, its result on every rank; an `error` it raises ends every rank with
-    its message."""
-    result = None
-    if d.rank == 0:
-        try:
-            result = work()
-        except error as e:
-            result = e
-    result = sharding.wait_for_rank0(result)
-    if isinstance(result, Exception):
-        sys.exit(f"error: {result}")
-    return result
-
-
-def _resume_point(out: Path, cfg: config.Config, cache: tokenize_data.TokenCache, d: sharding.Dist):
-    """(checkpoint path, trainer state) per checkpoint.resume, or None; exits if the checkpoint
-    cannot continue this run. Prints every setting that changed since it was saved."""
-    # one rank verifies the checkpoints (and sets a damaged one aside); all get its choice
-    found = _on_rank0(d, lambda: checkpoint.find(out, cfg.checkpoint), checkpoint.ResumeError)
-    if not found:
-        return None
-    path, state = found
-    bad, changed = checkpoint.compare(state, config.to_dict(cfg), cache.path.name)
-    if bad:
-        sys.exit(f"error: cannot resume from {path}:\n  " + "\n  ".join(bad)
-                 + "\n  set them back, or set checkpoint.resume: never to start afresh")
-    changes = "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-    print0(f"resuming from {path} at step {state['step']} (saved by {state['world_size']} rank(s))"
-           + changes, rank=d.rank)
-    return path, state
-
-
-def _self_check(model: torch.nn.Module, cfg: config.Config, cache: tokenize_data.TokenCache,
-                plan: sampler.MultipackPlan, d: sharding.Dist):
-    """Exits unless the model as it trains computes, on a packed row of the 4 shortest samples of
-    the first step that have a target, what the family's own forward computes on each alone."""
-    first = [int(i) for i in plan.step_samples(0, 0) if cache[i][1][1:].any()]
-    shortest = sorted(first, key=lambda i: cache.lengths[i])[:4]
-    batch = sampler.collate([cache[i] for i in shortest], d.device)
-    del batch["loss_seg"]
-    t0 = time.perf_counter()
-    diff = torch.tensor(model_setup.self_check(model, batch), device=d.device)
-    if d.world_size > 1:  # every rank decides alike
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    dtype = cfg.model.dtype if cfg.sharding.strategy == "none" else cfg.sharding.compute_dtype
-    tolerance, n = model_setup.SELF_CHECK_TOLERANCE[dtype], len(batch["cu_seqlens"]) - 1
-    family = getattr(model, "module", model).lm.config.model_type  # DeepSpeed's engine: .module
-    if not diff <= tolerance:  # NaN too
-        sys.exit(f"error: model {family}: a packed row of {n} of the run's samples differs from "
-                 f"the family's own forward of each by {diff:.1e} (largest token loss difference, "
-                 f"relative; {dtype} allows {tolerance:.0e}): its loss would be trained wrong. Not "
-                 "supported yet; model.self_check: false trains it anyway")
-    tokens, seconds = int(batch["cu_seqlens"][-1]), time.perf_counter() - t0
-    print0(f"self-check: {family}, a packed row of {n} samples ({tokens} tokens) equals the "
-           f"family's own forward within {diff:.1e} (allowed {tolerance:.0e}), {seconds:.2f}s",
-           rank=d.rank)
-
-
 def _token_cache(cfg: tokenize_data.DataConfig, key: str, tokenizer, d: sharding.Dist
                  ) -> tokenize_data.TokenCache:
     """The cache of the files listed under `key`. Rank 0 tokenizes (or finds the cache); the others
     wait, then all memory-map it."""
     files = getattr(cfg, key)
-    path = _on_rank0(d, lambda: tokenize_data.build_cache(files, tokenizer, cfg, f"data.{key}"),
+    path = sharding.on_rank0(d, lambda: tokenize_data.build_cache(files, tokenizer, cfg, f"data.{key}"),
                      tokenize_data.DataError)
     cache = tokenize_data.TokenCache(path)
     print0(tokenize_data.summary(cache), rank=d.rank)
@@ -207,7 +87,7 @@ def main(argv: list[str]):
     hf_logging.disable_progress_bar()  # its loading and saving bars would cut through ours
     only_check = "--check" in argv
     cfg = config.cli([a for a in argv if a != "--check"])
-    if problems := check(cfg, launch=not only_check):
+    if problems := config.check(cfg, launch=not only_check):
         sys.exit("error: " + "\n       ".join(problems))
     if only_check:
         print(config.dump(cfg), end="")
@@ -215,6 +95,9 @@ def main(argv: list[str]):
     d = sharding.init_distributed(cfg.train.collective_timeout_s)
     try:
         _train(cfg, d)
+    # the user's to fix (every rank meets it alike): one line
+    except (tokenize_data.DataError, checkpoint.ResumeError, checkpoint.SaveError) as e:
+        sys.exit(f"error: {e}")
     # a collective that timed out or lost a rank ends the job, naming where
     except RuntimeError as e:
         if not sharding.collective_failed(e):
@@ -239,10 +122,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
         (out / "config.yaml").write_text(config.dump(cfg))
         print0(f"config ({d.world_size} rank(s), {d.device}):\n{config.dump(cfg)}")
 
-    try:
-        tokenizer = tokenize_data.load_tokenizer(cfg.model.path)
-    except tokenize_data.DataError as e:
-        sys.exit(f"error: {e}")
+    tokenizer = tokenize_data.load_tokenizer(cfg.model.path)
     cache = _token_cache(cfg.data, "train_files", tokenizer, d)
     eval_cache = _token_cache(cfg.data, "eval_files", tokenizer, d) if cfg.data.eval_files else None
     weights = [s.weight for s in tokenize_data.sources(cfg.data.train_files)]
@@ -251,7 +131,9 @@ def _train(cfg: config.Config, d: sharding.Dist):
                                      cache.source, weights)
     except ValueError as e:  # a sample longer than the micro-batch cap
         sys.exit(f"error: {e}")
-    resume = _resume_point(out, cfg, cache, d)
+    # one rank verifies the checkpoints (and sets a damaged one aside); all get its choice
+    resume = sharding.on_rank0(d, lambda: checkpoint.resume_point(out, cfg, cache.path.name),
+                               checkpoint.ResumeError)
     if resume:
         plan.load_state_dict(resume[1].get("sampler", {}))
     total_steps = tc.max_steps or plan.total_steps(tc.epochs)
@@ -263,36 +145,43 @@ def _train(cfg: config.Config, d: sharding.Dist):
     # leave the ranks' random init (weights, LoRA adapters) in different RNG states
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
-    # under FSDP2 only rank 0 reads the weights; the others build on the meta device and get their
-    # shards (4-bit weights are read by every rank: they are a quarter of the size, and quantized as
-    # they are read)
-    from_rank0 = cfg.sharding.strategy == "fsdp2" and not cfg.model.load_in_4bit
+    # under FSDP2 and ZeRO-3 only rank 0 reads the weights; the others build on the meta device and
+    # get their shards (4-bit weights are read by every rank: they are a quarter of the size, and
+    # quantized as they are read)
+    sh = cfg.sharding
+    zero3 = sh.strategy == "deepspeed" and sh.zero_stage == 3
+    from_rank0 = (sh.strategy == "fsdp2" or zero3) and not cfg.model.load_in_4bit
     try:
-        model = model_setup.load_model(cfg.model, d.device, on_meta=from_rank0 and d.rank != 0)
-    except (ImportError, ValueError) as e:  # an extra not installed; a family Liger lacks
+        model = model_setup.load_model(cfg.model, d.device, from_rank0 and d.rank != 0,
+                                       sharding.deepspeed_config(sh) if zero3 else None)
+    except (ImportError, ValueError) as e:  # an extra not installed; a MoE loss not supported
         sys.exit(f"error: {e}")
     if model.note:
         print0(model.note, rank=d.rank)
     model = sharding.shard_model(model, cfg.sharding, d, from_rank0)
     optimizer = build_optimizer(model, tc)
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {trained:,} trained",
-           rank=d.rank)
+    sizes = {p: getattr(p, "ds_numel", p.numel()) for p in model.parameters()}  # ZeRO-3: whole
+    print0(f"model: {sum(sizes.values()):,} parameters, "
+           f"{sum(n for p, n in sizes.items() if p.requires_grad):,} trained", rank=d.rank)
     # before DeepSpeed, which hides the shapes under ZeRO-3
     step_flops = logging_utils.flop_counter(model)
     model, optimizer = sharding.attach_optimizer(model, optimizer, cfg.sharding, tc.max_grad_norm)
     state = {"step": 0}
     if resume:
         t0 = time.perf_counter()
-        try:
-            checkpoint.load(resume[0], model, optimizer, d.rank)
-        except checkpoint.ResumeError as e:
-            sys.exit(f"error: {e}")
+        checkpoint.load(resume[0], model, optimizer, d.rank)
         print0(f"loaded {resume[0]} in {time.perf_counter() - t0:.1f}s", rank=d.rank)
         state = resume[1]
     caught = checkpoint.catch_preemption()  # SIGTERM/SIGUSR1: finish the step, save, exit
-    if cfg.model.self_check:
-        _self_check(model, cfg, cache, plan, d)
+    if cfg.model.self_check:  # on the 4 shortest samples of the first step that have a target
+        first = [int(i) for i in plan.step_samples(0, 0) if cache[i][1][1:].any()]
+        shortest = sorted(first, key=lambda i: cache.lengths[i])[:4]
+        batch = sampler.collate([cache[i] for i in shortest], d.device)
+        dtype = cfg.model.dtype if cfg.sharding.strategy == "none" else cfg.sharding.compute_dtype
+        try:
+            print0(model_setup.self_check(model, batch, dtype), rank=d.rank)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     log = logging_utils.MetricsLogger(out, cfg.logging, total_steps, d.rank, d.world_size, d.device,
                                       config.to_dict(cfg), state.get("metrics"))
     noise = logging_utils.NoiseScale(sharding.reduces_in_backward(cfg.sharding), d.world_size) \
@@ -312,8 +201,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_plan, samples = plan.plan(epoch, k), plan.step_samples(epoch, k)
-        # what the whole step trains (all ranks), by the definition collate uses: the normalizer
-        # n_step
+        # what the whole step trains (all ranks), as collate defines it: the normalizer n_step
         counts, sample_weight, n_step = sampler.step_targets([cache[i] for i in samples])
         per_sample = logging_utils.StepLosses(samples, counts, sample_weight, d.device)
         sums = {"loss_sum": torch.zeros((), device=d.device), "n_trained": 0.0,
@@ -352,8 +240,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
                                f"{counts.sum()}: the step plan lost or repeated samples")
         loss = reduced["loss_sum"] / (n_step or 1)
         WHERE["phase"] = "step"
-        update = math.isfinite(loss)
-        grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, update=update)
+        grad_norm = sharding.clip_and_step(model, optimizer, tc.max_grad_norm, math.isfinite(loss))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
 
         m = {"step": step + 1, "epoch": round(epoch + k / plan.steps_in_epoch(epoch), 4),
@@ -362,13 +249,13 @@ def _train(cfg: config.Config, d: sharding.Dist):
              "flops": step_flops(cache.lengths[samples]), "step_time_s": time.perf_counter() - t0,
              "data_wait_s": data_wait_s}
         m |= {name: reduced[name] / (n_step or 1) for name in terms}
-        if cfg.model.loss != "liger":  # per-sample (and per-source) token-weighted losses
-            means = per_sample.means(reduced["sample_sums"])
-            m |= plan.observe(epoch, per_sample.uniq, means)
-            if len(cache.source_names) > 1:
-                m |= per_sample.by_source(reduced["sample_sums"], cache.source, cache.source_names)
-            if cfg.logging.sample_losses:
-                log.samples(step + 1, per_sample.rows(means, cache.source, cache.source_names))
+        # per-sample (and per-source) token-weighted losses
+        means = per_sample.means(reduced["sample_sums"])
+        m |= plan.observe(epoch, per_sample.uniq, means)
+        if len(cache.source_names) > 1:
+            m |= per_sample.by_source(reduced["sample_sums"], cache.source, cache.source_names)
+        if cfg.logging.sample_losses:
+            log.samples(step + 1, per_sample.rows(means, cache.source, cache.source_names))
         if noise:
             m["noise_scale"] = noise.update(reduced["noise_parts"], grad_norm, n_step)
         last_step, every = step + 1 == total_steps, cfg.checkpoint.save_every_steps
@@ -384,11 +271,8 @@ def _train(cfg: config.Config, d: sharding.Dist):
             trainer_state = {"step": step + 1, "metrics": log.state_dict(), "data": cache.path.name,
                              "world_size": d.world_size, "sampler": plan.state_dict()}
             WHERE["phase"] = "save"
-            try:
-                path = checkpoint.save(out, step + 1, model, optimizer, trainer_state,
-                                       config.dump(cfg), cfg.checkpoint, d.rank)
-            except checkpoint.SaveError as e:
-                sys.exit(f"error: {e}")
+            path = checkpoint.save(out, step + 1, model, optimizer, trainer_state,
+                                   config.dump(cfg), cfg.checkpoint, d.rank)
         if reduced["stop"] and not last_step:
             why = caught.get("signal", "another rank was signalled")
             print0(f"stopped at step {step + 1} of {total_steps} ({why}); saved {path}; run the "
@@ -396,11 +280,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
             sys.exit(PREEMPTED_EXIT_CODE)
 
     WHERE["phase"] = "export"
-    # samples of each source per epoch, after the weights
-    per_epoch = np.bincount(cache.source[plan.epoch_samples(0)], None, len(cache.source_names))
-    kept = ("samples", "skipped", "longer_than_max_seq_len", "unused_keys")
-    by_source = {s["name"]: {k: s[k] for k in kept} | {"per_epoch": int(n)}
-                 for s, n in zip(cache.meta["sources"], per_epoch)}
+    by_source = cache.by_source(plan.epoch_samples(0))
     from_hub = tokenize_data.is_hub_id(cfg.model.path) and not cfg.model.random_init
     card = logging_utils.model_card(config.to_dict(cfg), by_source, log.state_dict(), from_hub)
     hf_dir = checkpoint.export_hf(model, tokenizer, out, d.rank, card)
@@ -414,13 +294,7 @@ def _train(cfg: config.Config, d: sharding.Dist):
     if tc.heldout_file and d.rank == 0:
         extra["heldout_exact_match"] = logging_utils.exact_match(str(hf_dir), tc.heldout_file)
         print0(f"held-out exact match: {extra['heldout_exact_match']:.1%} ({tc.heldout_file})")
-    summary = log.close(extra)
-    skipped, dropped = sum(cache.meta["skipped"].values()), cache.meta["dropped"]
-    print0(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-           f"{summary['wall_s']:.1f}s; "
-           f"final loss {summary['final_loss']:.4f}; {skipped} bad samples skipped, "
-           f"{dropped['longer_than_max_seq_len']} longer than data.max_seq_len dropped; "
-           f"exported to {hf_dir}", rank=d.rank)
+    log.close(extra)  # and prints the run's last line
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ tests/faults.py."""
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -159,9 +160,9 @@ def test_bad_resume_settings_are_refused_with_the_fix(tmp, ref):
         cfg = config.load(QS_CONFIG, args(tmp, "bad", **over)[2:])
         cache = tokenize_data.TokenCache(tokenize_data.build_cache(
             cfg.data.train_files, tokenize_data.load_tokenizer(cfg.model.path), cfg.data))
-        with pytest.raises(SystemExit) as e:
-            train._resume_point(tmp / "bad", cfg, cache, sharding.Dist(0, 1, torch.device("cpu")))
-        return str(e.value.code)
+        with pytest.raises(checkpoint.ResumeError) as e:
+            checkpoint.resume_point(tmp / "bad", cfg, cache.path.name)
+        return str(e.value)
 
     msg = resume_point(**{"checkpoint.resume": ref / "checkpoints/step-5", "sampler.batch_size": 16,
                           "data.max_seq_len": 300, "sharding.strategy": "deepspeed"})
@@ -226,7 +227,38 @@ def test_a_crafted_rng_file_is_refused_and_its_code_never_runs(tmp, ref, monkeyp
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:  # train.py's main, in this process: the error it exits with
         train.main(a)
-    assert "rng-rank0.pt holds more than tensors and numbers; refused" in str(e.value.code)
+    assert f"{ckpt} holds more than tensors and numbers; refused" in str(e.value.code)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", [".metadata", "an optimizer setting"])
+def test_a_crafted_dcp_file_is_refused_and_its_code_never_runs(tmp, ref, monkeypatch, where):
+    """torch.distributed.checkpoint unpickles its .metadata and its non-tensor items (the optimizer's
+    settings): someone else's checkpoint whose pickles would call code, its manifest made to match."""
+    ckpt, marker = tmp / f"crafted-dcp-{where}", tmp / f"crafted-dcp-{where}-ran"
+    shutil.copytree(ref / "checkpoints/step-5", ckpt)
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    a = args(tmp, f"crafted-dcp-run-{where}", **{"sharding.strategy": "none", "checkpoint.resume": ckpt})
+    if where == ".metadata":
+        (ckpt / "dcp/.metadata").write_bytes(pickle.dumps(Evil()))
+    else:  # the run's whole state, written by DCP itself, with a learning rate that unpickles to code
+        cfg = config.load(QS_CONFIG, a[2:])
+        model = model_setup.load_model(cfg.model, torch.device("cpu"))
+        sd = sharding._state_dicts(model, train.build_optimizer(model, cfg.train))
+        sd["optim"]["param_groups"][0]["lr"] = Evil()
+        shutil.rmtree(ckpt / "dcp")
+        torch.distributed.checkpoint.save(sd, checkpoint_id=ckpt / "dcp")
+    manifest = {p.relative_to(ckpt).as_posix(): [p.stat().st_size, checkpoint._crc32(p)]
+                for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        train.main(a)
+    assert f"error: {ckpt} holds more than tensors and numbers; refused" in str(e.value.code)
     assert not marker.exists()
 
 

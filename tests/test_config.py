@@ -72,7 +72,7 @@ def test_dump_round_trips(tmp_path):
 def test_every_shipped_config_loads(path: Path):
     cfg = config.load(str(path))
     assert all(getattr(cfg, name) is not None for name in SECTIONS)
-    assert train.check(cfg, launch=False) == []
+    assert config.check(cfg, launch=False) == []
 
 
 def test_readme_documents_every_key():
@@ -127,13 +127,13 @@ def test_bounds_and_paths_are_checked_before_anything_runs(tmp_path):
     (tmp_path / "a_file").write_text("")
     cfg = load_text(tmp_path, f"model:\n  path: {tmp_path / 'no_config'}\ndata:\n  train_files: [{tmp_path / 'x.jsonl'}]\n"
                     f"train:\n  output_dir: {tmp_path / 'out/run'}\n")
-    problems = train.check(cfg)
+    problems = config.check(cfg)
     assert any("has no config.json" in p for p in problems) and any("x.jsonl does not exist" in p for p in problems)
     assert len(problems) == 3 and not (tmp_path / "out").exists()  # no tokenizer either; nothing created
     cfg.train.output_dir = str(tmp_path / "a_file/run")
-    assert f"train.output_dir: {tmp_path}/a_file/run cannot be written" in train.check(cfg)[-1]
+    assert f"train.output_dir: {tmp_path}/a_file/run cannot be written" in config.check(cfg)[-1]
     cfg.train.output_dir = "/proc/forbidden/run"  # root may write anywhere, by os.access; not here
-    assert "train.output_dir: /proc/forbidden/run cannot be written (/proc is not a writable" in train.check(cfg)[-1]
+    assert "train.output_dir: /proc/forbidden/run cannot be written (/proc is not a writable" in config.check(cfg)[-1]
 
 
 def test_check_prints_the_resolved_config_or_the_errors(capsys, monkeypatch):

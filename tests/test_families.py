@@ -1,6 +1,8 @@
 """Every model family trains its own loss exactly: our packed row against the family's own forward of each sample
 alone (transformers' eager attention, its own *ForCausalLM head), on tiny random models, fp32."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -144,7 +146,8 @@ def test_router_aux_loss_is_the_familys_over_the_same_tokens(name):
 @pytest.mark.parametrize("name", ["gpt-oss", "cohere2", "granite-4-hybrid", "qwen3-next"])
 def test_self_check_passes_on_the_families_that_failed(name):
     ours, _ = models(name)
-    assert model_setup.self_check(ours, batch_of(samples())) <= 1e-5
+    line = model_setup.self_check(ours, batch_of(samples()), "float32")
+    assert float(re.search(r"within (\S+) ", line)[1]) <= 1e-5, line
 
 
 def test_self_check_refuses_a_family_made_wrong():
@@ -152,10 +155,12 @@ def test_self_check_refuses_a_family_made_wrong():
     with its attention sinks ignored."""
     ours, _ = models("cohere2")
     ours.scale = 1.0
-    assert model_setup.self_check(ours, batch_of(samples())) > 1e-3
+    with pytest.raises(ValueError, match=r"cohere2: a packed row of \d+ of the run's samples differs"):
+        model_setup.self_check(ours, batch_of(samples()), "float32")
     ours, _ = models("gpt-oss")
     AttentionInterface.register("packed", lambda *args, s_aux=None, **kw: model_setup.packed_attention(*args, **kw))
-    assert model_setup.self_check(ours, batch_of(samples())) > 1e-3
+    with pytest.raises(ValueError, match="gpt_oss: a packed row"):
+        model_setup.self_check(ours, batch_of(samples()), "float32")
 
 
 def family_dir(tmp_path, name: str, **extra) -> str:

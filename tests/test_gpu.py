@@ -1,4 +1,4 @@
-"""CUDA paths: the varlen kernels, Liger, compiled blocks under inductor, and bf16 FSDP2 over nccl, each against
+"""CUDA paths: the varlen kernels, compiled blocks under inductor, and bf16 FSDP2 over nccl, each against
 its reference. Run on a GPU machine with `python -m pytest -m gpu tests`; on CPU these are skipped (their CPU
 counterparts are in test_model.py, test_sharding.py and test_train.py)."""
 
@@ -29,7 +29,7 @@ def test_every_family_passes_the_self_check_in_bf16_on_cuda(name):
     ours = models(name, torch.device("cuda"))[0].to(torch.bfloat16)
     batch = sampler.collate(samples(), torch.device("cuda"))
     del batch["loss_seg"]
-    assert model_setup.self_check(ours, batch) <= model_setup.SELF_CHECK_TOLERANCE["bfloat16"]
+    assert model_setup.self_check(ours, batch, "bfloat16").startswith("self-check: ")  # else ValueError
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -49,16 +49,6 @@ def test_varlen_kernel_runs_and_equals_per_sample_attention(window):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
 
 
-def test_liger_loss_equals_chunked():
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(300, 64, generator=g).cuda().requires_grad_()
-    weight = torch.randn(1000, 64, generator=g).cuda().requires_grad_()
-    batch = {"loss_idx": torch.arange(0, 300, 3).cuda(), "targets": torch.randint(0, 1000, (100,), generator=g).cuda()}
-    ours, _ = model_setup.compute_loss_chunked(hidden, weight, batch)
-    liger, _ = model_setup.compute_loss_liger(hidden, weight, batch)
-    torch.testing.assert_close(liger, ours, rtol=1e-4, atol=1e-3)
-
-
 def _losses_and_grads(steps=6, **model_kw):
     """Loss and gradients of the quickstart model (random init, fp32, CUDA) over `steps` packed micro-batches."""
     from config import ModelConfig
@@ -73,16 +63,6 @@ def _losses_and_grads(steps=6, **model_kw):
         loss.backward()
         losses.append(loss.detach())
     return torch.stack(losses), [p.grad for p in model.parameters()]
-
-
-def test_liger_kernels_give_the_same_losses_and_gradients():
-    """model.liger_kernels (RMSNorm, SwiGLU, RoPE) against the model's own layers. Liger patches the family's
-    module process-wide, so the reference is computed first."""
-    ref_losses, ref_grads = _losses_and_grads()
-    losses, grads = _losses_and_grads(liger_kernels=True)
-    torch.testing.assert_close(losses, ref_losses, atol=1e-3, rtol=1e-4)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
 def test_inductor_compiled_blocks_give_the_eager_losses(monkeypatch):

@@ -13,5 +13,5 @@ def test_quickstart_learns(tmp_path):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["heldout_exact_match"] >= 0.9, summary
     assert summary["final_loss"] < 0.05
-    assert summary["best_eval_loss"] < 0.2 and (tmp_path / "run/metrics.png").stat().st_size > 10_000
+    assert summary["best_eval_loss"] < 0.2
     assert "held-out exact match:" in p.stdout

@@ -57,6 +57,7 @@ def test_end_to_end_outputs(runs):
     assert model.config._attn_implementation != "packed"  # the export is a plain HF model
     ids = tok.apply_chat_template([{"role": "user", "content": "Count from a to e."}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
+    assert model.generate(**ids, min_new_tokens=2, max_new_tokens=2).shape[1] == ids["input_ids"].shape[1] + 2
     loaded = {k: v for k, v in model.state_dict().items()}
     for k, v in weights(run).items():
         assert torch.equal(loaded[k], v)
