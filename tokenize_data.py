@@ -437,10 +437,15 @@ def _encode(samples: list[list[tuple[str, bool]]], tokenizer) -> tuple[np.ndarra
 
 
 def tokenize_sample(sample: dict, tokenizer) -> dict | list[dict]:
-    """One record (a chat, alpaca, prompt/completion, text or document) -> {"input_ids": [...],
-    "labels": [...]}, labels aligned with input_ids (not shifted), -100 where not trained; a list of
-    them when the masking rule makes several samples of one conversation. Raises BadSample."""
-    ids, mask, offsets = _encode(_pieces(sample, tokenizer, detect_format(sample)), tokenizer)
+    """One record (any format in FORMATS) -> {"input_ids": [...], "labels": [...]}, labels aligned
+    with input_ids (not shifted), -100 where not trained; a list of them when the masking rule makes
+    several samples of one conversation. Raises BadSample."""
+    fmt = detect_format(sample)
+    if fmt == "tokens":  # already tokenized: checked, as given
+        ids, mask, _ = _pretokenized(sample, len(tokenizer))
+        offsets = [0, len(ids)]
+    else:
+        ids, mask, offsets = _encode(_pieces(sample, tokenizer, fmt), tokenizer)
     labels = np.where(mask.view(bool), ids, -100)
     out = [{"input_ids": ids[a:b].tolist(), "labels": labels[a:b].tolist()} for a, b in zip(offsets, offsets[1:])]
     return out[0] if len(out) == 1 else out

@@ -32,9 +32,8 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped early, run again t
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, weight decay on matrices only; the fused kernel on CPU and CUDA (one kernel for all
-    parameters: 4x faster than the per-tensor loop on CPU, BENCHMARKS.md; tests check it equals the
-    unfused one)."""
+    """AdamW, weight decay on matrices only; fused on CPU and CUDA (one kernel for all parameters: 4x
+    the per-tensor loop on CPU, BENCHMARKS.md; tests check it equals the unfused one)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = {p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2}  # ZeRO-3: 1-D parts
     groups = [{"params": [p for p in params if p in decay], "weight_decay": cfg.weight_decay},
@@ -145,15 +144,13 @@ def _train(cfg: config.Config, d: sharding.Dist):
     # leave the ranks' random init (weights, LoRA adapters) in different RNG states
     random.seed(tc.seed), np.random.seed(tc.seed), torch.manual_seed(tc.seed)
 
-    # under FSDP2 and ZeRO-3 only rank 0 reads the weights; the others build on the meta device and
-    # get their shards (4-bit weights are read by every rank: they are a quarter of the size, and
-    # quantized as they are read)
-    sh = cfg.sharding
-    zero3 = sh.strategy == "deepspeed" and sh.zero_stage == 3
-    from_rank0 = (sh.strategy == "fsdp2" or zero3) and not cfg.model.load_in_4bit
+    # under FSDP2 and ZeRO-3 only rank 0 reads the weights, the others get their shards (4-bit
+    # weights, a quarter of the size and quantized as read, are read by every rank)
+    zero3 = cfg.sharding.strategy == "deepspeed" and cfg.sharding.zero_stage == 3
+    from_rank0 = (cfg.sharding.strategy == "fsdp2" or zero3) and not cfg.model.load_in_4bit
     try:
         model = model_setup.load_model(cfg.model, d.device, from_rank0 and d.rank != 0,
-                                       sharding.deepspeed_config(sh) if zero3 else None)
+                                       sharding.deepspeed_config(cfg.sharding) if zero3 else None)
     except (ImportError, ValueError) as e:  # an extra not installed; a MoE loss not supported
         sys.exit(f"error: {e}")
     if model.note:

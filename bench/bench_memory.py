@@ -1,9 +1,9 @@
-"""Peak memory per rank of each strategy on a ~0.5B-parameter random-init Llama shape, fp32 weights and AdamW, a
-few steps on CPU with activation checkpointing, beside what the arithmetic predicts (weights + gradients + 2 Adam
-moments, divided by the ranks that shard them, + the resident footprint of an idle process that has imported the
-trainer).
+"""Peak memory per rank of each strategy on a ~0.3B-parameter random-init Llama shape, fp32 weights and AdamW, a
+few steps on CPU (micro-batches of at most 256 tokens per rank), beside what the arithmetic predicts (weights +
+gradients + 2 Adam moments, divided by the ranks that shard them, + the resident footprint of an idle process that
+has imported the trainer).
 
-    python bench/bench_memory.py [--steps 3] [--only none,fsdp2,...]
+    python bench/bench_memory.py [--steps 3] [--only none,fsdp2,...] [--checkpointing]
 
 Writes the Markdown table to stdout; each run's metrics are under runs/bench_memory/.
 """
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_sft import make_data  # noqa: E402
 
-SHAPE = dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=20,
-             num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=20, num_attention_heads=16,
+             num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
 EMB = 2 * SHAPE["vocab_size"] * SHAPE["hidden_size"]  # input and output embeddings (QLoRA keeps them in bf16)
 LORA = {"sharding.lora_rank": 16, "sharding.lora_alpha": 32.0}
 # name: (processes, overrides, bytes per parameter held by each rank: predicted as weights + gradients + moments)
@@ -43,6 +43,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated names (prefixes) of RUNS to run")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     a = ap.parse_args()
     out = ROOT / "runs/bench_memory"
     out.mkdir(parents=True, exist_ok=True)
@@ -69,29 +70,38 @@ def main():
                 "--model.dtype=float32", "--sharding.compute_dtype=float32", f"--data.train_files=[{data}]",
                 "--data.eval_files=[]", "--train.heldout_file=", f"--data.cache_dir={out / 'cache'}",
                 f"--train.output_dir={run}", f"--train.max_steps={a.steps}", "--sampler.batch_size=8",
-                "--sampler.max_tokens_per_rank=512", "--sharding.strategy=none", "--checkpoint.keep_last=1",
-                "--model.gradient_checkpointing=true"]  # activations: the blocks' inputs, and one block's at a time
+                "--sampler.max_tokens_per_rank=256", "--sharding.strategy=none", "--checkpoint.keep_last=1",
+                f"--model.gradient_checkpointing={str(a.checkpointing).lower()}"]
         args += [f"--{k}={v}" for k, v in over.items()]
         cmd = [sys.executable, "train.py", *args] if nproc == 0 else \
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py", *args]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", WHOLE_RUN, *cmd], cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
             rows.append((name, None, None, None, p.stderr.strip().splitlines()[-1][:120]))
             continue
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         peak = metrics[-1].get("peak_mem_gib_ranks") or [metrics[-1]["peak_mem_gib"]]  # peak RSS never falls
-        rows.append((name, params, predict(params, max(nproc, 1)) / 2**30, peak, ""))
+        whole = float(p.stdout.splitlines()[-1])
+        rows.append((name, params, predict(params, max(nproc, 1)) / 2**30, peak, whole))
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    base = idle_gib()
-    print(f"| strategy | parameters | predicted state (GiB) | predicted + idle process {base:.2f} GiB | measured peak "
-          "RSS of each rank (GiB) | max / (predicted + idle) |")
-    print("|---|---|---|---|---|---|")
-    for name, params, pred, peak, err in rows:
+    base, unsharded = idle_gib(), next((max(r[3]) for r in rows if r[0].startswith("none") and r[3]), None)
+    print(f"| strategy | parameters | predicted state (GiB) | predicted + idle process {base:.2f} GiB | peak RSS "
+          "of each rank in training (GiB) | max / (predicted + idle) | max / `none`'s | whole run, largest process |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, params, pred, peak, whole in rows:
         if peak is None:
-            print(f"| {name} | – | – | – | failed: {err} | – |")
+            print(f"| {name} | – | – | – | failed: {whole} | – | – | – |")
         else:
+            ratio = f"{max(peak) / unsharded:.2f}" if unsharded else "–"
             print(f"| {name} | {params / 1e6:.0f}M | {pred:.2f} | {pred + base:.2f} | "
-                  f"{' / '.join(f'{p:.2f}' for p in peak)} | {max(peak) / (pred + base):.2f} |")
+                  f"{' / '.join(f'{p:.2f}' for p in peak)} | {max(peak) / (pred + base):.2f} | {ratio} | "
+                  f"{whole:.2f} |")
+
+
+# runs a command and prints the peak RSS of the largest process it waited for (torchrun waits for its ranks),
+# over the whole run: loading, training, saving, the export
+WHOLE_RUN = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20); sys.exit(r)")
 
 
 def parameters() -> int:

@@ -118,7 +118,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     data = write_jsonl(tmp / "data.jsonl", (ROOT / "data/quickstart/train.jsonl").read_text().splitlines()[:320])
     for name, (nproc, over) in VARIANTS.items():
-        torchrun(nproc, strategy_args(tmp, data, name, over))
+        p = torchrun(nproc, strategy_args(tmp, data, name, over))
+        (tmp / f"{name}.log").write_text(p.stdout + p.stderr)  # the process's output (stdout only in-process)
     return tmp
 
 

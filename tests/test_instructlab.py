@@ -9,7 +9,7 @@ import pytest
 
 import sampler
 from conftest import family_tokenizer, in_process, metrics, run_args, write_jsonl
-from tokenize_data import DataConfig, DataError, Source, TokenCache, build_cache
+from tokenize_data import DataConfig, DataError, Source, TokenCache, build_cache, tokenize_sample
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 USER = {"role": "user", "content": "For the word dream, give a rhyme."}
@@ -107,6 +107,7 @@ def test_a_pretokenized_file_trains_exactly_its_labels(tmp_path, tok):
         got_ids, mask = cache[i]
         assert got_ids.tolist() == ids and mask.tolist() == [int(x != -100) for x in labels]
     assert cache.meta["sources"][0]["format"] == "tokens" and cache.meta["sources"][0]["unused_keys"] == ["id"]
+    assert tokenize_sample(records[0], tok) == {"input_ids": ids, "labels": labels}
 
 
 @pytest.mark.parametrize("record,message", [
