@@ -254,8 +254,8 @@ def check(cfg: Config, launch: bool = True) -> list[str]:
          "set one of them to false"),
         (m.load_in_4bit and sh.strategy == "deepspeed", "model.load_in_4bit (QLoRA) does not work with DeepSpeed; "
          "use sharding.strategy: fsdp2 or none"),
-        (launch and sh.strategy == "fsdp2" and "RANK" not in os.environ, "sharding.strategy: fsdp2 needs torchrun "
-         "(torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
+        (launch and sh.strategy != "none" and "RANK" not in os.environ, f"sharding.strategy: {sh.strategy} needs "
+         "torchrun (torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
         (m.compile and sh.strategy == "deepspeed", "model.compile is not tested with DeepSpeed; use "
          "sharding.strategy: none or fsdp2, or model.compile: false"),
         (cfg.logging.noise_scale and sh.strategy == "deepspeed", "logging.noise_scale does not work with DeepSpeed "

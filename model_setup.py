@@ -352,7 +352,8 @@ def _partitioned(full: nn.Module, zero3: dict, kw: dict) -> nn.Module:
 
     keep = HfDeepSpeedConfig(zero3)  # transformers builds under zero.Init while it lives
     # its initialization is overwritten: the seeded RNG goes on as if it had not run
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         lm = AutoModelForCausalLM.from_config(full.config, **kw)
     del keep
     unset_hf_deepspeed_config()  # a model built later (the merged export) is built whole

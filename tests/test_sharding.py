@@ -244,6 +244,7 @@ def test_resume_keeps_frozen_weights_out(qlora, name, nproc, step, over):
     ({"model.load_in_4bit": "true"}, "model.load_in_4bit: 4-bit weights cannot be trained; set sharding.lora_rank"),
     ({"model.load_in_4bit": "true", "sharding.lora_rank": 4}, "set model.random_init: false"),
     ({"sharding.strategy": "fsdp2"}, "sharding.strategy: fsdp2 needs torchrun"),
+    ({"sharding.strategy": "deepspeed"}, "sharding.strategy: deepspeed needs torchrun"),
     ({"model.load_in_4bit": "true", "sharding.lora_rank": 4, "sharding.strategy": "deepspeed"},
      "model.load_in_4bit (QLoRA) does not work with DeepSpeed"),
 ])
