@@ -398,7 +398,9 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False,
     if zero3:
         lm = _partitioned(lm, zero3, kw)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed it (the old name warns); older 5.x have only the old one
+        enable = getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})
         for i, block in enumerate(lm.get_decoder().layers):  # selective: every k-th block
             block.gradient_checkpointing = i % cfg.checkpoint_every == 0
     # each block's forward compiled alone, lazily: hooks (FSDP2's) stay outside; LoRA and FSDP2 wrap
