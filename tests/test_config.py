@@ -112,7 +112,7 @@ def test_setup_mistakes_end_in_one_error_naming_the_key_and_the_fix(tmp_path):
 
 
 def test_bounds_and_paths_are_checked_before_anything_runs(tmp_path):
-    """Numbers out of range are config errors with their YAML line; paths are train.check's, which creates nothing."""
+    """Numbers out of range are config errors with their YAML line; paths are config.check's, which creates nothing."""
     with pytest.raises(config.ConfigError) as e:
         load_text(tmp_path, "train:\n  lr: 0\n  min_lr_ratio: 1.5\nsharding:\n  lora_rank: -4\n",
                   "--data.train_files=[{path: a.jsonl, weight: 0}]")
