@@ -376,8 +376,9 @@ def load_model(cfg: ModelConfig, device: torch.device, on_meta: bool = False,
     attention = torch.compiler.disable(packed_attention) if cfg.compile else packed_attention
     AttentionInterface.register("packed", attention)
     kw = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation}
-    if on_meta or cfg.random_init:  # random_init: built where it trains (8B: seconds on GPU)
-        with torch.device("meta" if on_meta else device):
+    # random_init: built where it trains (8B: seconds on GPU); under ZeRO-3 whole on rank 0's CPU
+    if on_meta or cfg.random_init:
+        with torch.device("meta" if on_meta else "cpu" if zero3 else device):
             lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kw)
     elif cfg.load_in_4bit:
         try:
