@@ -289,9 +289,11 @@ def load(path: Path, model: nn.Module, optimizer, rank: int):
         sharding.load_state(model, optimizer, path)
         if (path / f"rng-rank{rank}.pt").exists():
             _set_rng_state(torch.load(path / f"rng-rank{rank}.pt", weights_only=True))
-    except (pickle.UnpicklingError, dcp.api.CheckpointException) as e:
+    except (pickle.UnpicklingError, OSError, dcp.api.CheckpointException) as e:
         # DCP wraps what failed (a weights-only load of a non-tensor item) with its traceback
         cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+        if isinstance(cause, OSError):  # a file its manifest does not list (one made elsewhere)
+            raise ResumeError(f"{path} cannot be read ({cause}); give another checkpoint") from None
         if not isinstance(cause, pickle.UnpicklingError):
             raise
         raise ResumeError(f"{path} holds more than tensors and numbers; refused to load it "

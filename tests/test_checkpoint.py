@@ -231,7 +231,7 @@ def test_a_crafted_rng_file_is_refused_and_its_code_never_runs(tmp, ref, monkeyp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("where", [".metadata", "an optimizer setting"])
+@pytest.mark.parametrize("where", [".metadata", "an optimizer setting", "no .metadata"])
 def test_a_crafted_dcp_file_is_refused_and_its_code_never_runs(tmp, ref, monkeypatch, where):
     """torch.distributed.checkpoint unpickles its .metadata and its non-tensor items (the optimizer's
     settings): someone else's checkpoint whose pickles would call code, its manifest made to match."""
@@ -245,6 +245,8 @@ def test_a_crafted_dcp_file_is_refused_and_its_code_never_runs(tmp, ref, monkeyp
     a = args(tmp, f"crafted-dcp-run-{where}", **{"sharding.strategy": "none", "checkpoint.resume": ckpt})
     if where == ".metadata":
         (ckpt / "dcp/.metadata").write_bytes(pickle.dumps(Evil()))
+    elif where == "no .metadata":  # nothing to run, but nothing DCP can read either
+        (ckpt / "dcp/.metadata").unlink()
     else:  # the run's whole state, written by DCP itself, with a learning rate that unpickles to code
         cfg = config.load(QS_CONFIG, a[2:])
         model = model_setup.load_model(cfg.model, torch.device("cpu"))
@@ -258,7 +260,8 @@ def test_a_crafted_dcp_file_is_refused_and_its_code_never_runs(tmp, ref, monkeyp
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:
         train.main(a)
-    assert f"error: {ckpt} holds more than tensors and numbers; refused" in str(e.value.code)
+    refusal = "cannot be read" if where == "no .metadata" else "holds more than tensors and numbers; refused"
+    assert f"error: {ckpt} {refusal}" in str(e.value.code)
     assert not marker.exists()
 
 
