@@ -242,6 +242,8 @@ def check(cfg: Config, launch: bool = True) -> list[str]:
     """What config.load cannot see: settings that cannot work together, the files the run reads and
     writes (nothing is created) and, when `launch`, whether this process was launched as the
     strategy needs. Run before any weights are read or any process group is made, and by --check."""
+    import importlib.util
+
     import tokenize_data
 
     m, sh = cfg.model, cfg.sharding
@@ -256,6 +258,8 @@ def check(cfg: Config, launch: bool = True) -> list[str]:
          "use sharding.strategy: fsdp2 or none"),
         (launch and sh.strategy != "none" and "RANK" not in os.environ, f"sharding.strategy: {sh.strategy} needs "
          "torchrun (torchrun --nproc_per_node=N train.py ...); for a plain process set --sharding.strategy=none"),
+        (sh.strategy == "deepspeed" and not importlib.util.find_spec("deepspeed"), "sharding.strategy: "
+         "deepspeed needs the deepspeed extra: pip install -e '.[deepspeed]'"),
         (m.compile and sh.strategy == "deepspeed", "model.compile is not tested with DeepSpeed; use "
          "sharding.strategy: none or fsdp2, or model.compile: false"),
         (cfg.logging.noise_scale and sh.strategy == "deepspeed", "logging.noise_scale does not work with DeepSpeed "

@@ -138,9 +138,9 @@ class StepLosses:
         self.weights = np.bincount(slot, weights, len(self.uniq))
         self.sums = torch.zeros(len(self.uniq), device=device)  # summed token losses on this rank
 
-    def add(self, micro_batch: list[int], segment: torch.Tensor, token_losses: torch.Tensor | None):
+    def add(self, micro_batch: list[int], segment: torch.Tensor, token_losses: torch.Tensor):
         """A micro-batch's (S,) token losses; `segment`: each target's index in `micro_batch`."""
-        if token_losses is not None and micro_batch:
+        if micro_batch:
             slot = torch.as_tensor(np.searchsorted(self.uniq, micro_batch), device=self.sums.device)
             self.sums.index_add_(0, slot[segment], token_losses)
 

@@ -14,7 +14,6 @@ backward, clip_and_step, save_state, load_state, full_state_dict.
 """
 
 import dataclasses
-import importlib
 import math
 import os
 import pickle
@@ -230,11 +229,6 @@ def attach_optimizer(model: nn.Module, optimizer, cfg: ShardingConfig, max_grad_
 def deepspeed_config(cfg: ShardingConfig, h: int = 0, max_grad_norm: float = 0.0) -> dict:
     """DeepSpeed's config from our YAML; `h`: the model's hidden size, for the buckets (zero.Init
     needs none)."""
-    try:
-        importlib.import_module("deepspeed")
-    except ImportError:
-        raise ImportError("sharding.strategy: deepspeed needs the deepspeed extra: "
-                          "pip install -e '.[deepspeed]'")
     zero = {"stage": cfg.zero_stage}
     # Our (fused) AdamW steps the offloaded fp32 state on the CPU; DeepSpeed would insist on its
     # CPUAdam, a C++ extension compiled at first use.

@@ -540,7 +540,7 @@ def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based:
     per sample (a bad record's has no tokens and its reason; each names the record keys the format
     does not read). Documents longer than `max_len` become blocks (`_blocks`)."""
     import pyarrow as pa
-    keys = list(batch)
+    keys, used = list(batch), FORMATS[fmt][1] | FORMATS[fmt][2]  # the record keys the format reads
     rows, reasons, messages, samples, unused, tokens = [], [], [], [], [], []
     for n, values in zip(indices, zip(*batch.values())):
         raw = values[0] if line_based else dict(zip(keys, values))
@@ -558,7 +558,7 @@ def _map_batch(batch: dict, indices: list[int], tokenizer, fmt: str, line_based:
             pieces, reason, message = [[]], e.reason, str(e)
             tokens += [(np.zeros(0, np.int64), np.zeros(0, np.uint8), False)] * (fmt == "tokens")
         else:  # Arrow rows hold every column, None where a record has no such key
-            keys_unused = ",".join(sorted(k for k, v in record.items() if v is not None and k not in FORMATS[fmt][1] | FORMATS[fmt][2]))
+            keys_unused = ",".join(sorted(k for k, v in record.items() if v is not None and k not in used))
         for col, v in ((rows, n), (reasons, reason), (messages, message), (unused, keys_unused)):
             col.extend([v] * len(pieces))
         samples += pieces

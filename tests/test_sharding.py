@@ -252,3 +252,12 @@ def test_rejected_combinations(tmp_path, small_data, over, message):
     """train.main checks these first, before anything is loaded, and exits with the message (no traceback)."""
     problems = config.check(config.load(QS_CONFIG, run_args(tmp_path, small_data, **over)[2:]))
     assert any(message in p for p in problems), problems
+
+
+def test_deepspeed_without_its_extra_is_refused_at_start_up(tmp_path, small_data, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    cfg = config.load(QS_CONFIG, run_args(tmp_path, small_data, **{"sharding.strategy": "deepspeed"})[2:])
+    assert "sharding.strategy: deepspeed needs the deepspeed extra: pip install -e '.[deepspeed]'" in config.check(cfg)
