@@ -655,14 +655,14 @@ def build_cache(entries: list, tokenizer, cfg: DataConfig, key: str = "data.trai
     """Tokenizes the sources (once) into the cache; returns its directory. `data.num_proc` processes
     map each source in batches to Arrow files, copied batch by batch into the flat arrays (bounded
     memory). Written to a temporary directory, then renamed: no half-written cache after a crash."""
-    import datasets
-    import pyarrow.compute as pc
     srcs = sources(entries)
     if not srcs:
         raise DataError(f"no input: set {key} to a list of data sources (paths or hub ids)")
     out = Path(cfg.cache_dir) / _fingerprint(srcs, tokenizer, cfg)
     if (out / "meta.json").exists():
         return out
+    import datasets
+    import pyarrow.compute as pc
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()

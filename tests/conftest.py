@@ -132,9 +132,17 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:  # with -n 2 (pytest-xdist), tests that share a module or session fixture share a worker
+        scopes = {defs[-1].scope for defs in item._fixtureinfo.name2fixturedefs.values()}
+        group = "runs" if "runs" in item.fixturenames else item.module.__name__ if "module" in scopes else None
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # the longest work first (the strategy runs, the quickstart), so the workers end together
+    items.sort(key=lambda item: ("runs" not in item.fixturenames, "quickstart" not in item.name))
     if torch.cuda.is_available():
         return
     for item in items:
