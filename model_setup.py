@@ -136,29 +136,33 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, token_weight, scale: float, softcap: float | None, chunk: int):
         token_losses = torch.empty(len(targets), dtype=torch.float32, device=h.device)  # to log
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        need_h, need_w = ctx.needs_input_grad[:2]  # LoRA: no output-layer gradient
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for a in range(0, len(targets), chunk):
             hc = h[a:a + chunk]
-            logits = (hc @ weight.t()).float().requires_grad_(need_grad)  # (c, V), a leaf
+            logits = (hc @ weight.t()).float().requires_grad_(need_h or need_w)  # (c, V), a leaf
             w = None if token_weight is None else token_weight[a:a + chunk]
             with torch.enable_grad():  # forward runs without autograd; this part needs it
                 losses = token_loss(_modified(logits, scale, softcap), targets[a:a + chunk], w)
-                if need_grad:
+                if need_h or need_w:
                     (g,) = torch.autograd.grad(losses.sum(), logits)  # (c, V) d loss / d logits
             token_losses[a:a + chunk] = losses.detach()
-            if need_grad:
+            if need_h:
                 grad_h[a:a + chunk] = (g.to(weight.dtype) @ weight).to(h.dtype)
+            if need_w:
                 grad_w.addmm_(g.t(), hc.float())
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
+        # on ctx, not saved for backward: backward holds the only reference, so it scales them in
+        # place and autograd takes them as they are (no second weight-sized buffer at the peak)
+        ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype)]
         ctx.mark_non_differentiable(token_losses)
         return token_losses.sum(), token_losses
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None, None
+        grads, ctx.grads = ctx.grads, None
+        grads = [None if g is None else g.mul_(grad_loss) for g in grads]
+        return *grads, None, None, None, None, None
 
 
 def compute_loss_chunked(

@@ -3,7 +3,7 @@ few steps on CPU (micro-batches of at most 256 tokens per rank), beside what the
 gradients + 2 Adam moments, divided by the ranks that shard them, + the resident footprint of an idle process that
 has imported the trainer).
 
-    python bench/bench_memory.py [--steps 3] [--only none,fsdp2,...] [--checkpointing]
+    python bench/bench_memory.py [--steps 3] [--only none,fsdp2,...] [--checkpointing] [--itemize]
 
 Writes the Markdown table to stdout; each run's metrics are under runs/bench_memory/.
 """
@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated names (prefixes) of RUNS to run")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    ap.add_argument("--itemize", action="store_true", help="under torch's profiler (FSDP2 and none): what the "
+                    "tensors at each rank's peak are (the RSS figures then include the profiler's own)")
     a = ap.parse_args()
     out = ROOT / "runs/bench_memory"
     out.mkdir(parents=True, exist_ok=True)
@@ -73,8 +75,9 @@ def main():
                 "--sampler.max_tokens_per_rank=256", "--sharding.strategy=none", "--checkpoint.keep_last=1",
                 f"--model.gradient_checkpointing={str(a.checkpointing).lower()}"]
         args += [f"--{k}={v}" for k, v in over.items()]
-        cmd = [sys.executable, "train.py", *args] if nproc == 0 else \
-            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py", *args]
+        script = ["bench/bench_memory.py", "--itemize-rank"] if a.itemize else ["train.py"]
+        cmd = [sys.executable, *script, *args] if nproc == 0 else \
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *script, *args]
         p = subprocess.run([sys.executable, "-c", WHOLE_RUN, *cmd], cwd=ROOT, capture_output=True, text=True)
         if p.returncode:
             rows.append((name, None, None, None, p.stderr.strip().splitlines()[-1][:120]))
@@ -83,6 +86,9 @@ def main():
         peak = metrics[-1].get("peak_mem_gib_ranks") or [metrics[-1]["peak_mem_gib"]]  # peak RSS never falls
         whole = float(p.stdout.splitlines()[-1])
         rows.append((name, params, predict(params, max(nproc, 1)) / 2**30, peak, whole))
+        for f in sorted(run.glob("items-rank*.json")):
+            items = json.loads(f.read_text())
+            print(f"{name}, {f.stem[6:]}: " + ", ".join(f"{k} {v:.3f}" for k, v in items.items() if v >= 0.005))
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     base, unsharded = idle_gib(), next((max(r[3]) for r in rows if r[0].startswith("none") and r[3]), None)
     print(f"| strategy | parameters | predicted state (GiB) | predicted + idle process {base:.2f} GiB | peak RSS "
@@ -104,6 +110,70 @@ WHOLE_RUN = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:])
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20); sys.exit(r)")
 
 
+def itemize(argv: list[str]):
+    """Runs as one rank of train.py (`bench_memory.py --itemize-rank ARGS` under torchrun): torch's profiler
+    records every CPU tensor allocation of steps 2-3; writes to items-rankN.json in the output directory the
+    tensor bytes live at this rank's peak: the state held from before (weights, optimizer moments), and what was
+    allocated since, by what allocated it (the nearest FSDP, autograd or optimizer scope, else the top-level op)."""
+    import os
+    from collections import Counter
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch._C._profiler import _EventType
+
+    sys.path.insert(0, str(ROOT))
+    import sharding
+    import train
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    step, calls, held = sharding.clip_and_step, [], {}
+
+    def origin(node) -> str:
+        names = []
+        while node is not None:
+            names.append(node.name)
+            node = node.parent
+        return next((n for n in names if n.startswith(("FSDP::", "Optimizer.", "autograd::engine"))), names[-1])
+
+    def watched(*args, **kwargs):
+        out = step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:  # the state: weights and optimizer moments (gradients are freed at each step)
+            model, optimizer = args[:2]
+            state = [p for p in model.parameters()] + [v for s in optimizer.state.values() for v in s.values()]
+            local = [t.to_local() if hasattr(t, "to_local") else t for t in state if isinstance(t, torch.Tensor)]
+            held.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local})
+            prof.start()
+        elif len(calls) == 3:
+            prof.stop()
+            todo, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+            while todo:
+                node = todo.pop()
+                todo += node.children
+                if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
+                    events.append((node.start_time_ns, node.extra_fields, node.parent))
+            events.sort(key=lambda e: e[0])
+            live, peak, at_peak = {}, 0, {}
+            for _, f, parent in events:
+                if f.alloc_size > 0:
+                    live[f.ptr] = (f.alloc_size, origin(parent) if parent else "?")
+                else:
+                    live.pop(f.ptr, None)
+                if f.total_allocated > peak:
+                    peak, at_peak = f.total_allocated, dict(live)
+            items = Counter({"state: weights and optimizer moments": sum(held.values()) / 2**30})
+            for size, name in at_peak.values():
+                items[name] += size / 2**30
+            out_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--train.output_dir="))
+            Path(out_dir, f"items-rank{os.environ.get('RANK', '0')}.json").write_text(
+                json.dumps({"tensors_at_peak_gib": sum(items.values())} | dict(items.most_common())))
+        return out
+
+    sharding.clip_and_step = watched
+    train.main(argv)
+
+
 def parameters() -> int:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -119,4 +189,4 @@ def idle_gib() -> float:
 
 
 if __name__ == "__main__":
-    main()
+    itemize(sys.argv[2:]) if sys.argv[1:2] == ["--itemize-rank"] else main()
