@@ -126,7 +126,9 @@ def itemize(argv: list[str]):
     import sharding
     import train
 
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the tensors training holds
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA][:1 + (device == "cuda")],
+                   profile_memory=True)
     step, calls, held = sharding.clip_and_step, [], {}
 
     def origin(node) -> str:
@@ -151,7 +153,7 @@ def itemize(argv: list[str]):
             while todo:
                 node = todo.pop()
                 todo += node.children
-                if node.tag == _EventType.Allocation and str(node.extra_fields.device) == "cpu":
+                if node.tag == _EventType.Allocation and node.extra_fields.device.type == device:
                     events.append((node.start_time_ns, node.extra_fields, node.parent))
             events.sort(key=lambda e: e[0])
             live, peak, at_peak = {}, 0, {}
