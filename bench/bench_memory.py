@@ -127,8 +127,8 @@ def itemize(argv: list[str]):
     import train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the tensors training holds
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA][:1 + (device == "cuda")],
-                   profile_memory=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = profile(activities=activities, profile_memory=True)
     step, calls, held = sharding.clip_and_step, [], {}
 
     def origin(node) -> str:
@@ -143,7 +143,7 @@ def itemize(argv: list[str]):
         calls.append(1)
         if len(calls) == 1:  # the state: weights and optimizer moments (gradients are freed at each step)
             model, optimizer = args[:2]
-            state = [p for p in model.parameters()] + [v for s in optimizer.state.values() for v in s.values()]
+            state = list(model.parameters()) + [v for s in optimizer.state.values() for v in s.values()]
             local = [t.to_local() if hasattr(t, "to_local") else t for t in state if isinstance(t, torch.Tensor)]
             held.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local})
             prof.start()

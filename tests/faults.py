@@ -49,4 +49,5 @@ import train  # noqa: E402
 
 train.main(sys.argv[1:])
 sys.stdout.flush()
+sys.stderr.flush()
 os._exit(0)  # as train.py ends
