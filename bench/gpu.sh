@@ -5,13 +5,13 @@
 # models from bench/models/*.json (no downloads), bf16, 1,500 long-tailed synthetic chats (median 600 tokens).
 #
 #   bash bench/wheels.sh              # where pip reaches PyPI: the wheels a bare GPU machine lacks, into .whl/
-#   bash bench/gpu.sh                 # on the GPU machine; prints the table and writes it to /tmp/sft-gpu-table.md
+#   bash bench/gpu.sh                 # on the GPU machine, .whl/ beside it: prints and writes /tmp/sft-gpu-table.md
 #   bash bench/gpu.sh --device cpu    # the same table with tiny shapes on CPU (tests/test_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 device=cuda
 if [ "${1:-}" = "--device" ]; then device=$2; fi
-if [ -d .whl ] && ! python3 -c "import datasets, trl" 2>/dev/null; then
+if [ -d .whl ]; then  # the wheels of bench/wheels.sh, over the image's packages
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sft-site .whl/*.whl
   export PYTHONPATH=/tmp/sft-site${PYTHONPATH:+:$PYTHONPATH}
 fi
