@@ -55,8 +55,8 @@ def _sdpa_per_sample(query, key, value, bounds, scaling, dropout, window, softca
 
 @cache
 def _varlen_kernels():
-    """(flash-attn's varlen function, PyTorch's `varlen_attn` if it takes GQA (torch >= 2.10)), None
-    if absent. Cached: Python does not cache a failed import, and every attention call asks."""
+    """(flash-attn's varlen function, PyTorch's `varlen_attn`, whether that takes grouped KV heads
+    itself), each None if absent. Cached: Python does not cache a failed import."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -65,25 +65,34 @@ def _varlen_kernels():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         varlen_attn = None
-    gqa = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
-    return flash_attn_varlen_func, varlen_attn if gqa else None
+    params = inspect.signature(varlen_attn).parameters if varlen_attn else {}
+    if "window_size" not in params:  # torch 2.10's takes no scale or window
+        varlen_attn = None
+    return flash_attn_varlen_func, varlen_attn, "enable_gqa" in params  # 2.11's: no grouped KV
 
 
 def _varlen_cuda(query, key, value, cu, max_len, scaling, window, softcap):
     """A varlen kernel on (1, H, T, D) 16-bit CUDA tensors -> (1, T, H, D), or None: flash-attn's
-    (FA2/FA3; soft-caps too) if installed, else PyTorch's."""
-    if query.dtype not in (torch.float16, torch.bfloat16):
+    (FA2/FA3; soft-caps too) if installed, else PyTorch's; None where their head sizes cannot be
+    (values of another size, sizes not a multiple of 8)."""
+    d = query.shape[-1]
+    if query.dtype not in (torch.float16, torch.bfloat16) or value.shape[-1] != d or d % 8:
         return None
-    flash_attn_varlen_func, varlen_attn = _varlen_kernels()
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D)
+    flash_attn_varlen_func, varlen_attn, takes_gqa = _varlen_kernels()
+    # (T, H, D) copies: a view may start misaligned for the kernels' vector loads (DeepSeek-V3's
+    # values, a slice, ended in "CUDA error: misaligned address" on an H200)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     if flash_attn_varlen_func is not None:
         return flash_attn_varlen_func(
             q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, softcap=softcap or 0.0,
             causal=True, window_size=(window - 1, 0) if window else (-1, -1)).unsqueeze(0)
     if softcap is None and varlen_attn is not None:
-        return varlen_attn(
-            q, k, v, cu, cu, max_len, max_len, scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
-            window_size=(window - 1, 0) if window else (-1, 0)).unsqueeze(0)  # (-1, 0): causal
+        groups = q.shape[1] // k.shape[1]
+        gqa = {"enable_gqa": groups > 1} if takes_gqa else {}
+        if groups > 1 and not takes_gqa:  # torch 2.11: each KV head repeated for its group
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **gqa,
+                           window_size=(window - 1, 0) if window else (-1, 0)).unsqueeze(0)  # causal
     return None
 
 

@@ -35,12 +35,15 @@ def test_every_family_passes_the_self_check_in_bf16_on_cuda(name):
 @pytest.mark.parametrize("window", [None, 5])
 def test_varlen_kernel_runs_and_equals_per_sample_attention(window):
     """A varlen kernel (flash-attn, else PyTorch's) is what bf16 packed rows use on this GPU, not the per-sample
-    fallback, and it computes the same attention: grouped-query heads, samples of unequal length, a window.
-    fp32 rows take the per-sample path (flash kernels are 16-bit)."""
+    fallback, and it computes the same attention: grouped-query heads, samples of unequal length, a window,
+    values that are a slice of a wider tensor (as DeepSeek's are). fp32 rows take the per-sample path (flash
+    kernels are 16-bit)."""
     g = torch.Generator().manual_seed(0)
     lengths = [37, 5, 120, 64, 1, 64]
     cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device="cuda")
-    q, k, v = (torch.randn(1, h, sum(lengths), 64, generator=g).to("cuda", torch.bfloat16) for h in (8, 2, 2))
+    q, k, v = (torch.randn(1, h, sum(lengths), d, generator=g).to("cuda", torch.bfloat16)
+               for h, d in ((8, 64), (2, 64), (2, 68)))
+    v = v[..., 4:]  # starts 8 bytes into its storage
     assert model_setup._varlen_cuda(q.float(), k.float(), v.float(), cu, max(lengths), 0.125, window, None) is None
     out = model_setup._varlen_cuda(q, k, v, cu, max(lengths), 0.125, window, None)
     assert out is not None, "bf16 packed rows would fall back to per-sample SDPA on this GPU"
