@@ -121,7 +121,9 @@ def run_hf(a, system: str) -> dict:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.work / "model"), dtype=dtype,
                                              attn_implementation=attn)  # random init, as ours
     records = [json.loads(line) for line in (a.work / "data.jsonl").read_text().splitlines()]
-    micro = 8  # padded systems: 8 samples per micro-batch, accumulated to `batch` samples per step
+    # padded systems: samples per micro-batch, accumulated to `batch` per step (on an H200, 8 padded
+    # samples of the GPU table ran out of its 140 GiB: (8, 4k, 128k) fp32 logits alone are 15 GiB)
+    micro = 8 if a.device == "cpu" else 2
     common = dict(output_dir=str(a.work / system), num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine",
                   adam_beta2=0.95, max_grad_norm=1.0, save_strategy="no", report_to=[], logging_steps=10**6,
                   seed=0, bf16=a.device == "cuda", use_cpu=a.device == "cpu", dataloader_num_workers=0,
