@@ -5,7 +5,7 @@
 # models from bench/models/*.json (no downloads), bf16, 1,500 long-tailed synthetic chats (median 600 tokens).
 #
 #   bash bench/wheels.sh              # where pip reaches PyPI: the wheels a bare GPU machine lacks, into .whl/
-#   bash bench/gpu.sh                 # on the GPU machine, .whl/ beside it: prints and writes /tmp/sft-gpu-table.md
+#   bash bench/gpu.sh                 # on the GPU machine, .whl/ beside: also /tmp/sft-gpu-table.md
 #   bash bench/gpu.sh --device cpu    # the same table with tiny shapes on CPU (tests/test_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
