@@ -279,18 +279,23 @@ class PackedCausalLM(nn.Module):
         if family_forward:
             return self._family_losses(input_ids, cu_seqlens, max_seqlen, batch)
         hidden, out, real = self._hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
-        weight = self.lm.get_output_embeddings().weight  # (V, H)
         terms = {}
         if self.router_aux:  # weighted by this micro-batch's share: a token-weighted mean per step
             fn, coef = self.router_aux
             n = batch["loss_weight"].sum() if batch.get("loss_weight") is not None else len(batch["targets"])
             terms["router_aux_loss"] = coef * fn(out.router_logits, attention_mask=real) * n
-        if batch["targets"].numel() == 0:  # empty: a zero reaching every parameter, for backward
-            loss, token_losses = hidden.sum() * 0.0 + weight.sum() * 0.0, batch["targets"].float()
-        else:
-            loss, token_losses = self.loss_fn(hidden, weight, batch, self.scale, self.softcap)
+        # through the output layer's own FSDP2 unit where it has one (sharding._apply_fsdp2)
+        head = self.lm.get_output_embeddings()
+        loss, token_losses = getattr(head, "fsdp_head_loss", self.head_loss)(hidden, batch)
         return {"loss": loss + sum(terms.values()), "token_losses": token_losses,
                 "terms": {k: v.detach() for k, v in terms.items()}}
+
+    def head_loss(self, hidden, batch: dict):
+        """The output layer and loss_fn on final-norm hidden states (T, H)."""
+        weight = self.lm.get_output_embeddings().weight  # (V, H)
+        if batch["targets"].numel() == 0:  # empty: a zero reaching every parameter, for backward
+            return hidden.sum() * 0.0 + weight.sum() * 0.0, batch["targets"].float()
+        return self.loss_fn(hidden, weight, batch, self.scale, self.softcap)
 
     def _hidden(self, input_ids, position_ids, cu_seqlens, max_seqlen: int):
         """(T, H) final-norm hidden states in packed order; decoder output; (B, L) mask or None."""

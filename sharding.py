@@ -155,7 +155,7 @@ def _apply_lora(model: nn.Module, cfg: ShardingConfig):
 def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
-                                        OffloadPolicy, fully_shard)
+                                        OffloadPolicy, fully_shard, register_fsdp_forward_method)
 
     master = next(model.parameters()).dtype
     pinned = d.device.type == "cuda"
@@ -167,18 +167,24 @@ def _apply_fsdp2(model: nn.Module, cfg: ShardingConfig, d: Dist):
         shape = (d.world_size // d.local_world_size, d.local_world_size)
         kw["mesh"] = init_device_mesh(d.device.type, shape, mesh_dim_names=("replicate", "shard"))
     # Each decoder block is its own unit, so only one block's full weights exist at a time; the root
-    # unit holds the rest (final norm, output layer, and the input embedding when tied to it), which
-    # stays gathered after forward because backward needs it first.
+    # unit holds the rest (final norm, and the embeddings when tied), which stays gathered after
+    # forward because backward needs it first.
     for block in model.lm.get_decoder().layers:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kw)
-    embedding = model.lm.get_input_embeddings()
-    # An untied input embedding is a unit of its own, gathered only at the start of forward and the
-    # end of backward (Llama-3.1-8B: 1 GiB in fp32 per rank that the root would hold all step).
-    if embedding.weight is not model.lm.get_output_embeddings().weight:
+    embedding, head = model.lm.get_input_embeddings(), model.lm.get_output_embeddings()
+    no_cast = dataclasses.replace(precision, cast_forward_inputs=False)  # loss_weight stays fp32
+    # Untied embeddings are units of their own (Llama-3.1-8B: 1 GiB each in fp32 per rank that the
+    # root would hold all step). The input embedding is gathered in forward only (its backward does
+    # not read it); the output layer runs our loss (head_loss) as a forward method of its unit, so
+    # its gradient is reduced as backward starts, not with the root's at the end.
+    if embedding.weight is not head.weight:
         fully_shard(embedding, **kw)
-    # the root's one float input is loss_weight, kept in fp32
-    kw["mp_policy"] = dataclasses.replace(precision, cast_forward_inputs=False)
-    fully_shard(model, reshard_after_forward=False, **kw)
+        if type(embedding) is nn.Embedding:
+            embedding.set_unshard_in_backward(False)
+        fully_shard(head, reshard_after_forward=False, **kw | {"mp_policy": no_cast})
+        head.fsdp_head_loss = model.head_loss
+        register_fsdp_forward_method(head, "fsdp_head_loss")
+    fully_shard(model, reshard_after_forward=False, **kw | {"mp_policy": no_cast})
     # FSDP2 reduce-scatters each unit's gradients in backward, through ours
     for m in model.modules():
         if isinstance(m, FSDPModule):

@@ -104,7 +104,7 @@ loss = model(**batch)["loss"]
 loss.backward()
 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).full_tensor()  # of the mean over ranks
 result = {{"meta_before_sharding": on_meta, "local": local, "total": total, "units": units, "loss": loss.item(),
-           "norm": norm.item()}}
+           "norm": norm.item(), "grads": [p.grad.full_tensor().norm().item() for p in model.parameters()]}}
 if d.rank == 0:  # the same model unsharded, on both ranks' batches: its gradient norm is the sharded one's
     torch.manual_seed(0)
     ref = model_setup.load_model(cfg, d.device)
@@ -114,6 +114,7 @@ if d.rank == 0:  # the same model unsharded, on both ranks' batches: its gradien
         (ref_loss / 2).backward()
         result["ref_losses"].append(ref_loss.item())
     result["ref_norm"] = torch.nn.utils.clip_grad_norm_(ref.parameters(), float("inf")).item()
+    result["ref_grads"] = [p.grad.norm().item() for p in ref.parameters()]
 del model  # freed at interpreter exit, its sharded tensors can abort the process (gloo threads)
 
 # ZeRO-3 builds partitioned: each rank's peak memory while building, over the model's size
@@ -146,10 +147,11 @@ torch.distributed.destroy_process_group()
 """
 
 
-def test_only_rank0_reads_weights_and_an_untied_embedding_is_a_unit_of_its_own(tmp_path):
+def test_only_rank0_reads_weights_and_untied_embeddings_are_units_of_their_own(tmp_path):
     """FSDP2 from rank 0's weights on a model whose input and output embeddings are not tied: rank 1 never
-    holds the full weights, each rank keeps half, the embedding is sharded as its own unit (blocks + embedding +
-    root), and the gradients equal the unsharded model's on the same two batches. ZeRO-3 (same launch) on a
+    holds the full weights, each rank keeps half, each embedding is sharded as its own unit (blocks + input
+    embedding + output layer + root; the loss a forward method of the output layer's unit), and each parameter's
+    gradient equals the unsharded model's on the same two batches. ZeRO-3 (same launch) on a
     model of 0.5 GB: rank 1's peak while building stays well under its size, the weights are rank 0's random init
     (as `none` builds it) and weight decay still finds the matrices."""
     import shutil
@@ -174,9 +176,10 @@ def test_only_rank0_reads_weights_and_an_untied_embedding_is_a_unit_of_its_own(t
     assert ranks[1]["meta_before_sharding"] is True  # rank 1 never held real full weights
     for r in ranks:  # after sharding each rank holds about half
         assert r["local"] <= r["total"] // 2 + 1000
-        assert r["units"] == cfg["num_hidden_layers"] + 2
+        assert r["units"] == cfg["num_hidden_layers"] + 3
     assert [r["loss"] for r in ranks] == pytest.approx(ranks[0]["ref_losses"], rel=1e-6)
     assert ranks[0]["norm"] == pytest.approx(ranks[0]["ref_norm"], rel=1e-5)
+    assert ranks[0]["grads"] == ranks[1]["grads"] == pytest.approx(ranks[0]["ref_grads"], rel=1e-5)
     size = ranks[0]["zero3_bytes"]
     # rank 0 builds the whole model (measured: 1.66x its size), rank 1 its half and one module at a time (0.63x)
     assert size > 500e6 and ranks[0]["zero3_gain"] > size and ranks[1]["zero3_gain"] < 0.75 * size
