@@ -277,26 +277,8 @@ def combine_gradients(grads: torch.Tensor, out: torch.Tensor | None, group, op=d
     change what is reduced, in which dtype, or over which group."""
     if out is None:
         dist.all_reduce(grads, op=op, group=group)
-    elif dist.get_backend(group) == "gloo" and op == dist.ReduceOp.SUM:
-        _ring_reduce_scatter(out, grads, group)
     else:
         _reduce_scatter(out, grads, op=op, group=group)
-
-
-def _ring_reduce_scatter(out: torch.Tensor, grads: torch.Tensor, group):
-    """`out` = this rank's chunk of `grads` summed over ranks, passing one chunk at a time around
-    the ring: one chunk of scratch memory, where gloo's own reduce-scatter all-reduces a copy of
-    the whole buffer (and sends twice the bytes). `grads` is overwritten."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    chunks, received = grads.view(world, -1), torch.empty_like(out).view(-1)
-    after, before = (dist.get_global_rank(group, (rank + k) % world) for k in (1, -1))
-    for step in range(world - 1):  # after it, chunk `rank` holds every rank's part
-        ops = [dist.P2POp(dist.isend, chunks[(rank - step - 1) % world], after, group),
-               dist.P2POp(dist.irecv, received, before, group)]
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        chunks[(rank - step - 2) % world] += received
-    out.copy_(chunks[rank].view_as(out))
 
 
 class _CombineInBackward:
