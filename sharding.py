@@ -273,8 +273,9 @@ def combine_gradients(grads: torch.Tensor, out: torch.Tensor | None, group, op=d
     `grads` is one flat buffer of this rank's gradients: all of them, once per step, under `none`
     (reduce_gradients); under FSDP2 one unit's, in its reduce dtype (model.dtype), at each backward.
     The result goes back into `grads` (out is None: an all-reduce) or into `out`, this rank's shard
-    (FSDP2: a reduce-scatter). `op` is a sum; the callers divide by the world size. Edit this to
-    change what is reduced, in which dtype, or over which group."""
+    (FSDP2: a reduce-scatter). `op`: a sum under `none` (the caller divides by the world size),
+    FSDP2's choice under fsdp2 (an average for fp32 and bf16 reduction). Edit this to change what
+    is reduced, in which dtype, or over which group."""
     if out is None:
         dist.all_reduce(grads, op=op, group=group)
     else:
