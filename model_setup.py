@@ -291,7 +291,8 @@ class PackedCausalLM(nn.Module):
                 "terms": {k: v.detach() for k, v in terms.items()}}
 
     def head_loss(self, hidden, batch: dict):
-        """The output layer and loss_fn on final-norm hidden states (T, H)."""
+        """Final-norm hidden states (T, H) -> loss_fn's (summed token losses, (S,) token losses)
+        through the output layer; under FSDP2 a forward method of that layer's own unit."""
         weight = self.lm.get_output_embeddings().weight  # (V, H)
         if batch["targets"].numel() == 0:  # empty: a zero reaching every parameter, for backward
             return hidden.sum() * 0.0 + weight.sum() * 0.0, batch["targets"].float()
